@@ -1,0 +1,1 @@
+"""Ingestion pipeline: partition -> clean -> chunk -> embed -> index. Pure stage functions, no Django."""

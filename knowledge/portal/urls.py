@@ -1,0 +1,2 @@
+"""URLs of this app."""
+urlpatterns: list = []
