@@ -182,9 +182,8 @@ class IndexWriter:
 
     def _load_current(self) -> None:
         self._reset()
-        existing = [int(p.name[1:]) for p in self.index_dir.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
-        self._version = max(existing, default=0)
         name = _read_current(self.index_dir)
+        self._version = int(name[1:]) if name else 0  # a newer orphan folder (never published) gets overwritten
         if name is None:
             return
         vdir = self.index_dir / name
