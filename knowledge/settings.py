@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "knowledge.documents",
     "knowledge.portal",
+    "knowledge.reports",
 ]
 
 MIDDLEWARE = [

@@ -7,4 +7,5 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("knowledge.documents.urls")),
     path("", include("knowledge.portal.urls")),
+    path("", include("knowledge.reports.urls")),
 ]

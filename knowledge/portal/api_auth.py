@@ -1,0 +1,53 @@
+"""Session or token authentication for JSON endpoints.
+
+A request with ``Authorization: Bearer kd_...`` is authenticated by its hashed token and its
+cookies are ignored: a cross-site page cannot set that header, so CSRF does not apply. Every other
+request must carry a session, and unsafe methods then pass Django's own CSRF check, run here
+explicitly because the decorated view is excluded from the middleware's automatic check.
+"""
+from __future__ import annotations
+
+import functools
+
+from django.contrib.auth.decorators import login_not_required
+from django.contrib.auth.models import AnonymousUser
+from django.http import JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+
+from knowledge.portal.services import token_authenticate
+
+
+def _csrf_failure(request) -> JsonResponse | None:
+    checker = CsrfViewMiddleware(lambda r: None)
+    checker.process_request(request)
+    rejected = checker.process_view(request, None, (), {})  # callback None: never treated as exempt
+    if rejected is not None:
+        return JsonResponse({"error": "CSRF check failed: send the csrftoken cookie's value in X-CSRFToken."}, status=403)
+    return None
+
+
+def api_view(view):
+    """Authenticate by bearer token or by session (+CSRF); answer 401 JSON otherwise."""
+
+    @functools.wraps(view)
+    def wrapper(request, *args, **kwargs):
+        header = request.META.get("HTTP_AUTHORIZATION", "")
+        if header.startswith("Bearer "):
+            user = token_authenticate(key=header[7:].strip())
+            if user is None:
+                return JsonResponse({"error": "Invalid or revoked API token."}, status=401)
+            request.user = user
+            request.auth_via = "token"
+        else:
+            if not request.user.is_authenticated:
+                request.user = AnonymousUser()
+                return JsonResponse({"error": "Authentication required (session or Bearer token)."}, status=401)
+            if request.method not in ("GET", "HEAD", "OPTIONS", "TRACE"):
+                failure = _csrf_failure(request)
+                if failure is not None:
+                    return failure
+            request.auth_via = "session"
+        return view(request, *args, **kwargs)
+
+    return login_not_required(csrf_exempt(wrapper))

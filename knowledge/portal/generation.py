@@ -1,0 +1,45 @@
+"""The generator behind answers and reports: the model profile's Engine, or none (extractive only)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+
+def profile_for(*, purpose: str):
+    """The ModelProfile assigned to 'qa' or 'reports', or None for the built-in default."""
+    from knowledge.portal.models import ModelProfile
+
+    field = "use_for_reports" if purpose == "reports" else "use_for_qa"
+    return ModelProfile.objects.filter(**{field: True}).order_by("id").first()
+
+
+def engine_for(*, purpose: str):
+    """The in-process Engine for this purpose, or None when the model core cannot load one."""
+    profile = profile_for(purpose=purpose)
+    path = (profile.checkpoint_path if profile else "") or settings.KD_GENERATOR_MODEL or None
+    quant = (profile.quantization if profile else "") or settings.KD_GENERATOR_QUANTIZATION or None
+    try:
+        from modelcore.engine import Engine
+
+        return Engine.get(path=path, quantization=quant)
+    except Exception as exc:  # noqa: BLE001 - any load failure means: answer extractively
+        log.warning("generator unavailable, answering extractively: %s", exc)
+        return None
+
+
+def stream_text(*, engine, messages: list[dict], max_new_tokens: int, stop: list[str] | None = None) -> Iterator[str]:
+    """Stream pieces of the model's reply; cancels the request when the consumer stops early."""
+    req = engine.submit(messages=messages, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop or [])
+    finished = False
+    try:
+        for piece in req:
+            if piece:
+                yield piece
+        finished = True
+    finally:
+        if not finished:
+            req.cancel()
