@@ -16,7 +16,8 @@ class MetadataForm(forms.Form):
     ticker = forms.CharField(label=_("Ticker"), max_length=20, required=False)
     report_date = forms.DateField(label=_("Report date"), required=False, widget=forms.DateInput(attrs={"type": "date"}))
     doc_type = forms.CharField(label=_("Type"), max_length=40, required=False)
-    visibility = forms.ChoiceField(label=_("Visibility"), choices=VISIBILITY_CHOICES, initial="private")
+    visibility = forms.ChoiceField(label=_("Visibility"), choices=VISIBILITY_CHOICES, initial="private",
+                                   required=False)
     group = forms.IntegerField(label=_("Group"), required=False)
 
     def __init__(self, *args, user=None, **kwargs) -> None:
@@ -25,6 +26,7 @@ class MetadataForm(forms.Form):
 
     def clean(self):
         data = super().clean()
+        data["visibility"] = data.get("visibility") or "private"
         if data.get("visibility") == "group":
             groups = self.user.groups.all() if self.user else []
             gid = data.get("group")
@@ -41,6 +43,11 @@ class MetadataForm(forms.Form):
         """Only the fields the user filled in."""
         keys = ("title", "company", "ticker", "report_date", "doc_type")
         return {k: self.cleaned_data[k] for k in keys if self.cleaned_data.get(k) not in (None, "")}
+
+
+def form_errors(form: forms.Form) -> str:
+    """All errors of a form in one line, each named by its field."""
+    return "; ".join((f"{k}: " if k != "__all__" else "") + " ".join(v) for k, v in form.errors.items())
 
 
 class FilterForm(forms.Form):

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from knowledge.portal import selectors, services
 from knowledge.portal.answering import answer_stream
-from knowledge.portal.forms import FilterForm
+from knowledge.portal.forms import FilterForm, form_errors
 
 
 @require_GET
@@ -51,7 +51,7 @@ def ask_inputs(request, data: dict):
         raise ValueError(_("Questions are limited to 2000 characters."))
     form = FilterForm({k: data.get(k, "") for k in ("company", "date_from", "date_to", "doc_type", "language")})
     if not form.is_valid():
-        raise ValueError("; ".join(" ".join(e) for e in form.errors.values()))
+        raise ValueError(form_errors(form))
     conv_id = data.get("conversation")
     if conv_id:
         conversation = selectors.conversation_get_for_user(user=request.user, id=int(conv_id))

@@ -10,7 +10,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_http_methods
 
 from knowledge.portal.api_auth import api_view
-from knowledge.portal.forms import MetadataForm
+from knowledge.portal.forms import MetadataForm, form_errors
 from knowledge.portal.uploads import UploadRejected, upload_check
 from knowledge.portal.views.documents import document_or_404
 
@@ -40,8 +40,7 @@ def _accept(request):
         return JsonResponse({"error": _("Send the file in a multipart field named 'file'.")}, status=400)
     form = MetadataForm(request.POST, user=request.user)
     if not form.is_valid():
-        errors = "; ".join(" ".join(e) for e in form.errors.values())
-        return JsonResponse({"error": errors, "filename": upload.name}, status=400)
+        return JsonResponse({"error": form_errors(form), "filename": upload.name}, status=400)
     try:
         head = upload.read(8192)
         upload.seek(0)
