@@ -195,11 +195,13 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        """Where the model lives (read from the final norm, which is never quantized)."""
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """Activation dtype (the final norm's)."""
+        return self.model.norm.weight.dtype
 
     def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         """One cache per layer for `batch` rows of up to `max_len` tokens."""

@@ -78,6 +78,13 @@ class RotaryEmbedding(nn.Module):
         self.kind = cfg.get("rope_type", cfg.get("type", "default")) or "default"
         self.cfg = cfg
         self.attention_factor = 1.0
+        with torch.device("cpu"):  # also when the model is being built on 'meta'
+            inv = self._init_inv_freq(dim, max_position_embeddings, cfg)
+        # plain attribute, not a buffer: stays float32 on CPU even when the module is built on 'meta' or cast to bf16
+        self.inv_freq = inv.to(dtype=torch.float32)
+
+    def _init_inv_freq(self, dim: int, max_position_embeddings: int, cfg: dict[str, Any]) -> torch.Tensor:
+        """Inverse frequencies of this scaling variant (sets attention_factor for yarn)."""
         base = _default_inv_freq(dim, self.theta)
         if self.kind == "default":
             inv = base
@@ -91,8 +98,7 @@ class RotaryEmbedding(nn.Module):
             inv, self.attention_factor = _yarn(dim, self.theta, cfg, max_position_embeddings)
         else:
             raise UnknownArchitectureError(f"unsupported rope_scaling type {self.kind!r} (supported: linear, dynamic, llama3, yarn)")
-        # plain attribute, not a buffer: stays float32 on CPU even when the module is built on 'meta' or cast to bf16
-        self.inv_freq = inv.to(device="cpu", dtype=torch.float32)
+        return inv
 
     def _inv_freq_for(self, positions: torch.Tensor) -> torch.Tensor:
         """Inverse frequencies for this call (dynamic NTK grows the base past the original context)."""

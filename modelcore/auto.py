@@ -1,0 +1,82 @@
+"""AutoModel: load an HF folder or a .gguf file into the right modelcore model class, optionally quantized."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelcore.errors import ModelNotFoundError, UnknownArchitectureError
+
+
+def model_class_for(model_type: str) -> type:
+    """The nn.Module class that implements `model_type` (one Transformer serves every supported family)."""
+    from modelcore.loading import SUPPORTED_MODEL_TYPES
+    from modelcore.model import Transformer
+
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnknownArchitectureError(f"unknown model_type {model_type!r}; modelcore supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return Transformer
+
+
+def resolve_device(device_map: str | torch.device | None) -> torch.device:
+    """'auto' -> CUDA when present else CPU; None -> CPU; otherwise the named device."""
+    if device_map in (None, "auto"):
+        return torch.device("cuda" if device_map == "auto" and torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        raise ValueError("device_map dicts (multi-device placement) are not supported; pass 'auto', 'cpu' or 'cuda'")
+    return torch.device(device_map)
+
+
+class AutoModel:
+    """Factory: `AutoModel.from_pretrained(path, device_map="auto", quantization=None|"int8"|"int4", dtype=None)`."""
+
+    def __init__(self) -> None:
+        raise TypeError("use AutoModel.from_pretrained(path)")
+
+    @staticmethod
+    def from_pretrained(path: str | Path, *, device_map: str | torch.device | None = "auto", quantization: str | None = None,
+                        dtype: str | torch.dtype | None = None, load_tokenizer: bool = True, **quant_options: Any):
+        """Load a model ready for inference (eval mode, no grad). dtype defaults to the checkpoint's own."""
+        from modelcore.loading import QUANT_FILE, build_model, load_config, load_state_dict, parse_dtype
+        from modelcore.tokenizer import AutoTokenizer
+
+        p = Path(path)
+        if not p.exists():
+            raise ModelNotFoundError(f"model path {p} does not exist")
+        if quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be None, 'int8' or 'int4', got {quantization!r}")
+        device, want_dtype = resolve_device(device_map), parse_dtype(dtype)
+        tokenizer = None
+        if p.is_file():
+            if p.suffix != ".gguf":
+                raise ModelNotFoundError(f"{p} is a file but not a .gguf; pass a model folder or a .gguf file")
+            from modelcore.gguf import load_gguf
+
+            args, sd, tokenizer = load_gguf(p, quantization=quantization)
+            prequantized = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+            tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            model = build_model(args=args, state_dict=tensors, dtype=want_dtype, device=device, source=str(p),
+                                pending=set(prequantized))
+        else:
+            args = load_config(p)
+            model = build_model(args=args, state_dict=load_state_dict(p), dtype=want_dtype, device=device, source=str(p))
+            prequantized = {}
+            if quantization is None and (p / QUANT_FILE).is_file():
+                stored = json.loads((p / QUANT_FILE).read_text(encoding="utf-8")).get("quantization")
+                if isinstance(stored, dict):
+                    quantization = stored.get("mode")
+                    if stored.get("group_size"):
+                        quant_options.setdefault("group_size", stored["group_size"])
+                else:
+                    quantization = stored
+            if load_tokenizer and (p / "tokenizer.json").is_file():
+                tokenizer = AutoTokenizer.from_pretrained(p)
+        if quantization is not None:
+            from modelcore.quant import quantize_model
+
+            quantize_model(model, quantization, prequantized=prequantized, **quant_options)
+            model.to(device)
+        model.tokenizer = tokenizer
+        return model
