@@ -30,16 +30,20 @@ _FUSED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_
 
 
 def deepseek_config_to_args(config: dict[str, Any]) -> ModelArgs:
-    """ModelArgs for a DeepSeek-V2/V3 config.json dict."""
-    from modelcore.loading import config_to_args  # generic fields (vocab, dims, rope, ids, dtype)
+    """ModelArgs for a DeepSeek-V2/V3 config.json dict (the generic mapping, then `deepseek_args`)."""
+    from modelcore.loading import config_to_args  # calls deepseek_args for deepseek_* model types
 
-    model_type = config.get("model_type")
+    if config.get("model_type") not in DEEPSEEK_MODEL_TYPES:
+        raise UnknownArchitectureError(f"not a DeepSeek-V2/V3 config: model_type={config.get('model_type')!r}")
+    return config_to_args(config)
+
+
+def deepseek_args(*, args: ModelArgs, config: dict[str, Any]) -> ModelArgs:
+    """Correct the generic mapping's ModelArgs for DeepSeek-V2/V3 (hook called by loading.config_to_args)."""
+    c = config
+    model_type = c.get("model_type")
     if model_type not in DEEPSEEK_MODEL_TYPES:
         raise UnknownArchitectureError(f"not a DeepSeek-V2/V3 config: model_type={model_type!r}")
-    c = dict(config)
-    n_heads = c["num_attention_heads"]
-    c["num_key_value_heads"] = n_heads  # MLA: every head reads the shared latent
-    args = config_to_args(c)
     v3 = model_type == "deepseek_v3"
     n_experts = c.get("n_routed_experts") or 0
     n_group = c.get("n_group") or 1
@@ -52,11 +56,13 @@ def deepseek_config_to_args(config: dict[str, Any]) -> ModelArgs:
                                            "(expected 'greedy' or 'group_limited_greedy')")
     if n_experts and n_experts % n_group:
         raise UnknownArchitectureError(f"n_routed_experts={n_experts} is not a multiple of n_group={n_group}")
+    if n_experts and not 0 < (c.get("num_experts_per_tok") or 0) <= n_experts:
+        raise UnknownArchitectureError(f"num_experts_per_tok={c.get('num_experts_per_tok')!r} must be in 1..{n_experts}")
     extra = dict(args.extra)
     extra["rope_interleave"] = bool(c.get("rope_interleave", True)) if v3 else True
     return dataclasses.replace(
         args,
-        n_kv_heads=n_heads,
+        n_kv_heads=args.n_heads,  # MLA: every head reads the shared latent
         attention="mla",
         score_func=score_func,
         topk_method=topk_method,

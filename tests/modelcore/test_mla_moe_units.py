@@ -15,6 +15,15 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
         "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is far faster than two on a shared, busy CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def mla_args(**kw) -> ModelArgs:
     base = dict(model_type="deepseek_v3", attention="mla", vocab_size=64, dim=48, n_layers=1, n_heads=4, inter_dim=64,
                 q_lora_rank=20, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
