@@ -62,3 +62,8 @@ def default_encoder_path() -> Path:
 def default_generator_path() -> Path:
     """Generator checkpoint: $KD_GENERATOR_MODEL or the bundled SmolLM2-135M-Instruct Q4_1 GGUF."""
     return _resolve(GENERATOR)
+
+
+def embed_dtype_from_env() -> str:
+    """Embedding compute dtype: $KD_EMBED_DTYPE ("float32" | "bfloat16"), default float32."""
+    return os.environ.get("KD_EMBED_DTYPE", "").strip() or "float32"

@@ -56,6 +56,15 @@ def test_matches_transformers_on_real_texts(emb, real_texts: list[str]) -> None:
     assert cos.min() >= 0.9999, f"min cosine {cos.min()} at {int(cos.argmin())}"
 
 
+def test_bfloat16_close_to_float(emb, real_texts: list[str]) -> None:
+    fast = load_embedder(dtype="bfloat16")
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    cos = (fast.embed(real_texts) * emb.embed(real_texts)).sum(1)
+    assert cos.min() >= 0.9995, f"bf16 vs float min cosine {cos.min()}"
+    with pytest.raises(ValueError, match="embedding dtype"):
+        load_embedder(dtype="float8")
+
+
 def test_batch_equals_single_and_keeps_order(emb, real_texts: list[str]) -> None:
     texts = real_texts[::4]
     batch = emb.embed(texts, batch_size=5)
