@@ -5,3 +5,23 @@ QUEUE_EMBED = "embed"  # batched embeddings through modelcore
 QUEUE_INDEX = "index"  # the single writer of FAISS + BM25
 QUEUE_GENERATE = "generate"  # report drafting through the in-process Engine
 ALL_QUEUES = (QUEUE_INGEST, QUEUE_EMBED, QUEUE_INDEX, QUEUE_GENERATE)
+
+# Document pipeline tasks (knowledge.documents.tasks), one per stage.
+TASK_PARTITION = "documents.partition"
+TASK_CLEAN = "documents.clean"
+TASK_CHUNK = "documents.chunk"
+TASK_EMBED = "documents.embed"
+TASK_INDEX = "documents.index"
+TASK_INDEX_DELETE = "documents.index_delete"
+TASK_QUEUES = {
+    TASK_PARTITION: QUEUE_INGEST,
+    TASK_CLEAN: QUEUE_INGEST,
+    TASK_CHUNK: QUEUE_INGEST,
+    TASK_EMBED: QUEUE_EMBED,
+    TASK_INDEX: QUEUE_INDEX,
+    TASK_INDEX_DELETE: QUEUE_INDEX,
+}
+
+# Lock keys (fcntl locks under DATA_DIR/locks/, one writer each).
+LOCK_INDEX_WRITER = "index-writer"
+LOCK_FINGERPRINTS = "paragraph-fingerprints"

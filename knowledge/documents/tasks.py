@@ -1,0 +1,77 @@
+"""Celery tasks: one thin task per stage, linked by a chain, over the services in pipeline.py.
+
+Tasks take a document id and re-read the row; ``pipeline.stage_enter`` makes a second delivery
+a no-op. Transient errors (database or broker briefly away) retry with backoff and jitter, at most
+``MAX_RETRIES`` times; anything else marks the document failed with a reason and stops the chain.
+acks_late and reject_on_worker_lost are set in settings: a killed worker's task runs again.
+"""
+from __future__ import annotations
+
+import random
+
+from celery import chain, shared_task
+from celery.exceptions import Ignore
+from celery.canvas import Signature
+
+from knowledge import queues
+from knowledge.documents import pipeline, workers  # noqa: F401 - workers registers the heartbeat
+from knowledge.documents.runner import TRANSIENT_ERRORS, stage_fail
+
+MAX_RETRIES = 3
+
+
+def _backoff(retries: int) -> float:
+    return min(60.0, 2.0 ** (retries + 1)) * random.uniform(0.5, 1.5)
+
+
+def _run(task, *, stage: str, document_id: int) -> bool:
+    run = dict(pipeline.STAGES)[stage]
+    try:
+        return run(document_id=document_id)
+    except TRANSIENT_ERRORS as exc:
+        if task.request.retries < MAX_RETRIES:
+            raise task.retry(exc=exc, countdown=_backoff(task.request.retries), max_retries=MAX_RETRIES)
+        stage_fail(document_id=document_id, stage=stage, exc=exc)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a status with a reason
+        stage_fail(document_id=document_id, stage=stage, exc=exc)
+    raise Ignore()  # failed: stop the chain here
+
+
+@shared_task(bind=True, name=queues.TASK_PARTITION)
+def partition(self, document_id: int) -> bool:
+    return _run(self, stage="partition", document_id=document_id)
+
+
+@shared_task(bind=True, name=queues.TASK_CLEAN)
+def clean(self, document_id: int) -> bool:
+    return _run(self, stage="clean", document_id=document_id)
+
+
+@shared_task(bind=True, name=queues.TASK_CHUNK)
+def chunk(self, document_id: int) -> bool:
+    return _run(self, stage="chunk", document_id=document_id)
+
+
+@shared_task(bind=True, name=queues.TASK_EMBED)
+def embed(self, document_id: int) -> bool:
+    return _run(self, stage="embed", document_id=document_id)
+
+
+@shared_task(bind=True, name=queues.TASK_INDEX)
+def index(self, document_id: int) -> bool:
+    return _run(self, stage="index", document_id=document_id)
+
+
+@shared_task(bind=True, name=queues.TASK_INDEX_DELETE, queue=queues.QUEUE_INDEX)
+def index_delete(self) -> int:
+    """Drain retired vectors from the index (after a delete or reprocess)."""
+    try:
+        return pipeline.index_deletions_run()
+    except TRANSIENT_ERRORS as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries), max_retries=MAX_RETRIES)
+
+
+def pipeline_signature(*, document_id: int) -> Signature:
+    """The stage chain for one document, each step on its queue."""
+    steps = (partition, clean, chunk, embed, index)
+    return chain(*(t.si(document_id).set(queue=queues.TASK_QUEUES[t.name]) for t in steps))
