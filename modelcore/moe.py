@@ -152,19 +152,27 @@ class MoE(nn.Module):
         return True
 
     def _grouped_ok(self, flat: torch.Tensor) -> bool:
-        return self.packed is not None and flat.is_cuda and flat.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+        return self.packed is not None and flat.is_cuda and flat.dtype == torch.bfloat16 and _grouped_mm() is not None
 
     def _dispatch_grouped(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Same maths as _dispatch_sorted with grouped GEMMs over the packed stacks (offsets stay on device)."""
         w13, w2 = self.packed
+        gmm = _grouped_mm()
         k = idx.shape[1]
-        expert_of = idx.reshape(-1)
+        expert_of = idx.reshape(-1)  # (N*k,)
         order = expert_of.argsort(stable=True)
-        offs = torch.bincount(expert_of, minlength=self.n_experts).cumsum(0).to(torch.int32)  # (E,) group ends
+        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, expert_of, torch.ones_like(expert_of, dtype=torch.int32))  # bincount without a host sync
+        offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end of each expert's rows
         token_of = order // k
         xs = flat.index_select(0, token_of)  # (N*k, D)
-        h = F.grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # (N*k, 2I)
+        h = gmm(xs, w13.transpose(1, 2), offs=offs)  # (N*k, 2I)
         gate, up = h.chunk(2, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # (N*k, D)
+        y = gmm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # (N*k, D)
         y = y * weights.reshape(-1).index_select(0, order)[:, None].to(y.dtype)
         return torch.zeros_like(flat).index_add_(0, token_of, y)
+
+
+def _grouped_mm():
+    """torch's grouped GEMM (public name first), or None on builds without it."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
