@@ -51,9 +51,9 @@ def not_found_text() -> str:
 @functools.lru_cache(maxsize=1)
 def _embedder():
     try:
-        from modelcore.embed import load_embedder
+        from knowledge.documents.pipeline import embedder
 
-        return load_embedder()
+        return embedder()  # the same copy the pipeline and retrieval use
     except Exception as exc:  # noqa: BLE001 - the lexical gate still works
         log.warning("embedder unavailable for the relevance gate: %s", exc)
         return None
@@ -73,13 +73,24 @@ def question_rewrite(*, question: str, history: list[str]) -> str:
 
 
 def _relevance(query: str, chunks: list) -> list[tuple[float, float]]:
-    """(cosine, term coverage) of each chunk against the query."""
+    """(cosine, term coverage) of each chunk against the query; cosines use the chunks' stored vectors."""
+    import numpy as np
+
+    from knowledge.documents.models import Chunk
+
     covs = [textmatch.coverage(query, c.text) for c in chunks]
     emb = _embedder()
     if emb is None or not chunks:
         return [(0.0, cv) for cv in covs]
-    vecs = emb.embed([query] + [c.text[:2000] for c in chunks])
-    cos = (vecs[1:] @ vecs[0]).tolist()
+    stored = dict(Chunk.objects.filter(pk__in=[c.chunk_id for c in chunks]).values_list("pk", "vector"))
+    qvec = emb.embed([query])[0]
+    cos = []
+    for c in chunks:
+        raw = stored.get(c.chunk_id)
+        vec = np.frombuffer(bytes(raw), dtype=np.float32) if raw else None
+        if vec is None or vec.shape != qvec.shape:
+            vec = emb.embed([c.text])[0]  # vector from another model: embed again
+        cos.append(float(vec @ qvec / (np.linalg.norm(vec) * np.linalg.norm(qvec) + 1e-9)))
     return list(zip(cos, covs))
 
 
@@ -110,20 +121,44 @@ def _prompt(question: str, sources: list[dict]) -> list[dict]:
             {"role": "user", "content": f"Sources:\n{blocks}\n\nQuestion: {question}\nAnswer briefly with citations."}]
 
 
+def _passages(text: str) -> list[str]:
+    """Sentences, with very short lines (labels, names) joined to their neighbours."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    merged: list[str] = []
+    for ln in lines:
+        if merged and (len(merged[-1]) < 60 or len(ln) < 25):
+            merged[-1] = f"{merged[-1]} {ln}"
+        else:
+            merged.append(ln)
+    out: list[str] = []
+    for block in merged:
+        out.extend(textmatch.sentences(block) or ([block] if len(block) >= 12 else []))
+    return out
+
+
 def extractive_answer(*, question: str, sources: list[dict]) -> tuple[str, float]:
-    """The source sentences that best cover the question, each with its marker; and their coverage."""
-    best: list[tuple[float, int, str]] = []
-    q_nums = textmatch.numbers(question)
+    """The source passages that best answer the question, each with its marker; and the best one's term coverage."""
+    cands: list[tuple[int, int, str]] = []
     for s in sources:
-        for i, sent in enumerate(textmatch.sentences(s["text"])):
-            score = textmatch.coverage(question, sent) + (0.1 if textmatch.numbers(sent) - q_nums else 0.0) - i * 1e-4
-            best.append((score, s["n"], sent))
-    if not best:
+        cands.extend((s["n"], i, p) for i, p in enumerate(_passages(s["text"])))
+    if not cands:
         return "", 0.0
-    best.sort(key=lambda x: -x[0])
-    top = best[0]
-    picked = [top] + [b for b in best[1:2] if b[0] >= max(0.5, top[0] - 0.15) and b[2] != top[2]]
-    return " ".join(f"{sent} [{n}]" for _, n, sent in picked), top[0]
+    emb = _embedder()
+    sims = [0.0] * len(cands)
+    if emb is not None:
+        vecs = emb.embed([question] + [p[:600] for _, _, p in cands])
+        sims = (vecs[1:] @ vecs[0]).tolist()
+    q_nums = textmatch.numbers(question)
+    prior = {s["n"]: s.get("relevance", 0.0) for s in sources}
+    scored = []
+    for (n, i, p), sim in zip(cands, sims):
+        cov = textmatch.coverage(question, p)
+        bonus = 0.05 if textmatch.numbers(p) - q_nums else 0.0
+        scored.append((0.6 * sim + 0.4 * cov + 0.2 * prior[n] + bonus - i * 1e-4, cov, n, p))
+    scored.sort(key=lambda x: -x[0])
+    top = scored[0]
+    picked = [top] + [b for b in scored[1:2] if b[0] >= top[0] - 0.05 and b[3] != top[3]]
+    return " ".join(f"{p} [{n}]" for _, _, n, p in picked), top[1]
 
 
 def answer_verified(*, text: str, question: str, sources: list[dict]) -> bool:
@@ -154,8 +189,8 @@ def answer_stream(*, user, question: str, conversation=None, filters: dict | Non
     scores = _relevance(search_query, chunks)
     have_emb = _embedder() is not None
     ranked = sorted(zip(chunks, scores), key=lambda cs: -(cs[1][0] + cs[1][1] * 0.5))
-    relevant = [c for c, (cos, cov) in ranked if _is_relevant(cos, cov, have_embedder=have_emb)][:MAX_SOURCES]
-    sources = [_source_dict(i + 1, c) for i, c in enumerate(relevant)]
+    relevant = [(c, cos) for c, (cos, cov) in ranked if _is_relevant(cos, cov, have_embedder=have_emb)][:MAX_SOURCES]
+    sources = [_source_dict(i + 1, c) | {"relevance": round(cos, 4)} for i, (c, cos) in enumerate(relevant)]
     yield {"event": "sources", "sources": [{k: v for k, v in s.items() if k != "text"} | {"snippet": s["text"][:300]}
                                            for s in sources]}
     not_found = not sources
