@@ -73,7 +73,8 @@ class Command(BaseCommand):
                 outcome, line = self._one(path=path, owner=owner, group=group, visibility=opts["visibility"],
                                           inline=inline, timeout=opts["timeout"], bar=bar)
                 counts[outcome] += 1
-                bar.write(f"{path}: {line}", file=self.stdout)
+                with tqdm.external_write_mode(file=self.stderr):
+                    self.stdout.write(f"{path}: {line}")
                 bar.update(1)
         self.stdout.write(f"{counts['indexed']} indexed, {counts['duplicate']} duplicate, {counts['failed']} failed")
 
