@@ -1,0 +1,379 @@
+"""Continuous-batching generation Engine: one model per process, many concurrent streaming requests.
+
+A background thread owns the model and a static KV cache of ``max_batch`` rows (request slots). Each step it
+(1) drops cancelled requests, (2) admits waiting requests into free rows (prefill of that row alone),
+(3) decodes one token for every active row in one batched forward, (4) streams text to each request and frees
+finished rows. Active requests always occupy rows ``0..n-1``: a freed row is filled by copying the last row
+into it, so the batched decode runs on a contiguous view of the cache.
+
+    eng = Engine.get()                       # $KD_GENERATOR_MODEL or the bundled SmolLM2 GGUF, loaded once
+    req = eng.submit(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=64)
+    for piece in req: print(piece, end="")   # raises the request's error, if any, at the end
+"""
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+
+from modelcore.errors import GenerationConfigError, PromptError
+from modelcore.generate import SamplingParams, apply_repetition_penalty, sample
+
+_END = object()
+
+
+class Request:
+    """One generation request: iterate it for text pieces; ``text``, ``finish_reason``, ``error`` when done."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, *, budget: int):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.budget = budget  # new tokens allowed (max_new_tokens capped by the context)
+        self.text = ""
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+        self.error: BaseException | None = None
+        self.n_tokens = 0
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._drained = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the Engine to stop this request; its slot is freed at the next step."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished; True if it finished within `timeout`."""
+        return self._done.wait(timeout)
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces as produced; blocks for the next one; raises the request's error after the last piece."""
+        while not self._drained:
+            item = self._pieces.get()
+            if item is _END:
+                self._drained = True
+                break
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    # worker side
+    def emit(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self._pieces.put(piece)
+
+    def finish(self, reason: str) -> None:
+        if not self._done.is_set():
+            self.finish_reason = reason
+            self._done.set()
+            self._pieces.put(_END)
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.finish("error")
+
+
+class RowState:
+    """Decoding state of an admitted request: next position, last token, sampling RNG, text held back for stops."""
+
+    def __init__(self, req: Request, tokenizer: Any, vocab: int, *, device: torch.device):
+        from modelcore.tokenizer import IncrementalDecoder
+
+        self.req = req
+        self.pos = len(req.prompt_ids)  # where the next fed token goes
+        self.last = -1
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        self.pending = ""  # decoded text not yet emitted (could start a stop string)
+        p = req.params
+        self.seen = None
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab + 1, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(req.prompt_ids, device=device)] = True
+        self.generator = None
+        if p.do_sample:
+            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.eos = set(p.eos_token_ids)
+        self.max_stop = max((len(x) for x in p.stop_strings), default=0)
+
+    def push(self, token: int) -> bool:
+        """Account one sampled token; stream its text; True when the request is finished."""
+        req = self.req
+        if req.cancelled:
+            req.finish("cancelled")
+            return True
+        req.n_tokens += 1
+        if token in self.eos:
+            return self._end("stop", self.pending + self.decoder.flush())
+        if self.seen is not None:
+            self.seen[token] = True
+        self.pending += self.decoder.push(token)
+        if self.max_stop:
+            window_start = max(0, len(req.text) - self.max_stop)
+            full = req.text + self.pending
+            hits = [j for j in (full.find(s, window_start) for s in req.params.stop_strings) if j >= 0]
+            if hits:
+                return self._end("stop", full[len(req.text):min(hits)])
+        if req.n_tokens >= req.budget:
+            return self._end("length", self.pending + self.decoder.flush())
+        hold = self._held_suffix()
+        req.emit(self.pending[: len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold:]
+        if self.last >= 0:  # the previous token was fed at self.pos; this one goes next
+            self.pos += 1
+        self.last = token
+        return False
+
+    def _held_suffix(self) -> int:
+        """Length of the longest end of the text that is the start of a stop string."""
+        full = self.req.text + self.pending
+        for k in range(min(self.max_stop - 1, len(self.pending)), 0, -1):
+            if any(s.startswith(full[-k:]) for s in self.req.params.stop_strings):
+                return k
+        return 0
+
+    def _end(self, reason: str, tail: str) -> bool:
+        self.req.emit(tail)
+        self.req.finish(reason)
+        return True
+
+
+def prompt_ids(tokenizer: Any, prompt: str | None, messages: list[dict] | None) -> list[int]:
+    """Token ids of a plain prompt or of chat messages rendered with the checkpoint's template."""
+    if (prompt is None) == (messages is None):
+        raise PromptError("give exactly one of prompt= or messages=")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages or any(
+            not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise PromptError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        if not isinstance(prompt, str):
+            raise PromptError(f"prompt must be a str, got {type(prompt).__name__}")
+        ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        raise PromptError("empty prompt")
+    return list(ids)
+
+
+def build_params(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+                 seed: int | None, stop: list[str] | str | None, eos: list[int]) -> SamplingParams:
+    """Validated sampling options (GenerationConfigError with a clear message otherwise)."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and not isinstance(stops, (list, tuple)):
+        raise GenerationConfigError(f"stop must be a list of strings, got {type(stop).__name__}")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GenerationConfigError(f"{name} must be a number, got {value!r}")
+    if isinstance(max_new_tokens, bool) or isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise GenerationConfigError(f"max_new_tokens and top_k must be integers, got {max_new_tokens!r}, {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise GenerationConfigError(f"seed must be an integer or None, got {seed!r}")
+    return SamplingParams(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=float(temperature),
+                          top_k=top_k, top_p=float(top_p), repetition_penalty=float(repetition_penalty), seed=seed,
+                          eos_token_ids=list(eos), stop_strings=list(stops or []))
+
+
+def rows_view(cache: list, start: int, stop: int) -> list:
+    """Per-layer caches restricted to rows [start, stop) (views: writes land in the full cache)."""
+    out = []
+    for layer in cache:
+        batch = layer.batch
+        view = copy.copy(layer)
+        for name, value in vars(layer).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                setattr(view, name, value[start:stop])
+        out.append(view)
+    return out
+
+
+def copy_cache_row(cache: list, src: int, dst: int) -> None:
+    """Move request row `src` into row `dst` in every layer."""
+    for layer in cache:
+        layer.copy_row(src, dst)
+
+
+class Engine:
+    """Thread-safe continuous-batching server around one decoder model."""
+
+    _registry: ClassVar[dict[tuple[str, str | None], "Engine"]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 8, max_len: int = 2048, name: str = ""):
+        if tokenizer is None:
+            raise ValueError("the Engine needs a tokenizer (load a folder with tokenizer.json, or a .gguf)")
+        if max_batch < 1 or max_len < 2:
+            raise ValueError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch}, {max_len}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_batch = max_batch
+        self.max_context = min(max_len, model.args.max_position_embeddings)
+        eos = list(model.args.eos_token_id) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        self.eos_token_ids = eos
+        self._cache = model.new_cache(max_batch, self.max_context)
+        self._rows: list[RowState] = []  # active requests; index == cache row
+        self._waiting: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"modelcore-engine-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def get(cls, path: str | Path | None = None, quantization: str | None = None, *, max_batch: int = 8,
+            max_len: int = 2048) -> "Engine":
+        """The process-wide Engine for (path, quantization), loaded on first use (later calls reuse it as built)."""
+        from modelcore.defaults import default_generator_path
+
+        p = Path(path) if path is not None else default_generator_path()
+        key = (str(p.resolve()), quantization)
+        with cls._registry_lock:
+            eng = cls._registry.get(key)
+            if eng is None or eng._closed:
+                from modelcore.auto import AutoModel
+
+                model = AutoModel.from_pretrained(str(p), quantization=quantization)
+                eng = cls(model, model.tokenizer, max_batch=max_batch, max_len=max_len, name=p.name)
+                cls._registry[key] = eng
+            return eng
+
+    def close(self) -> None:
+        """Stop the worker thread; requests still running end with finish_reason "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def submit(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None) -> Request:
+        """Queue a request and return it at once; iterate it for text pieces. Invalid requests raise here."""
+        if self._closed:
+            raise RuntimeError("this Engine is closed")
+        ids = prompt_ids(self.tokenizer, prompt, messages)
+        if len(ids) >= self.max_context:
+            raise PromptError(f"prompt of {len(ids)} tokens leaves no room in the Engine's context of {self.max_context}")
+        params = build_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos=self.eos_token_ids)
+        req = Request(ids, params, budget=min(params.max_new_tokens, self.max_context - len(ids)))
+        with self._cond:
+            self._waiting.append(req)
+            self._cond.notify()
+        return req
+
+    def generate(self, prompt: str | list[dict] | None = None, **kwargs: Any) -> str:
+        """Blocking convenience: the whole text (prompt may be a str or a messages list)."""
+        if isinstance(prompt, list):
+            kwargs["messages"], prompt = prompt, None
+        req = self.submit(prompt, **kwargs)
+        for _ in req:
+            pass
+        return req.text
+
+    def stats(self) -> dict[str, int]:
+        """Active and waiting request counts (for health pages)."""
+        with self._cond:
+            return {"active": len(self._rows), "waiting": len(self._waiting), "max_batch": self.max_batch}
+
+    # ---- worker ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._rows and not self._waiting:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    admit: list[Request] = []
+                    while self._waiting and len(self._rows) + len(admit) < self.max_batch:
+                        admit.append(self._waiting.popleft())
+                self._drop_cancelled()
+                for req in admit:
+                    self._admit(req)
+                if self._rows:
+                    self._decode_step()
+        for st in list(self._rows):
+            st.req.finish("cancelled")
+        for req in self._waiting:
+            req.finish("cancelled")
+
+    def _admit(self, req: Request) -> None:
+        """Prefill `req` into the next free row and emit its first token."""
+        if req.cancelled:
+            req.finish("cancelled")
+            return
+        row = len(self._rows)
+        try:
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, T)
+            hidden = self.model.forward_hidden(ids, positions=positions, cache=rows_view(self._cache, row, row + 1))
+            logits = self.model.lm_head(hidden[:, -1])  # (1, V)
+            st = RowState(req, self.tokenizer, self.model.args.vocab_size, device=self.model.device)
+            self._rows.append(st)
+            self._advance([(st, logits[0])])
+        except Exception as exc:  # this request only: others keep going
+            if self._rows and self._rows[-1].req is req:
+                self._rows.pop()
+            req.fail(exc)
+
+    def _decode_step(self) -> None:
+        n = len(self._rows)
+        tokens = torch.tensor([st.last for st in self._rows], dtype=torch.long, device=self.model.device)
+        positions = torch.tensor([st.pos for st in self._rows], dtype=torch.long, device=self.model.device)
+        try:
+            out = self.model(tokens[:, None], positions=positions[:, None], cache=rows_view(self._cache, 0, n))
+        except Exception as exc:  # a failing batched step fails its requests, not the Engine
+            for st in self._rows:
+                st.req.fail(exc)
+            self._rows.clear()
+            return
+        logits = out.logits[:, -1]  # (n, V)
+        self._advance(list(zip(self._rows, logits)))
+
+    def _advance(self, pairs: list[tuple[RowState, torch.Tensor]]) -> None:
+        """Pick each row's next token, stream its text, and free rows that finished."""
+        vocab = self.model.args.vocab_size
+        greedy = [i for i, (st, _) in enumerate(pairs) if not st.req.params.do_sample and st.req.params.repetition_penalty == 1.0]
+        picks: dict[int, int] = {}
+        if greedy:
+            best = torch.stack([pairs[i][1][:vocab] for i in greedy]).argmax(-1).tolist()
+            picks.update(zip(greedy, best))
+        for i, (st, lg) in enumerate(pairs):
+            if i not in picks:
+                p = st.req.params
+                lg = apply_repetition_penalty(lg[None, :vocab], st.seen[None, :vocab], p.repetition_penalty)
+                picks[i] = int(sample(lg, params=p, generator=st.generator)[0])
+        done = [st for i, (st, _) in enumerate(pairs) if st.push(picks[i])]
+        for st in done:
+            self._free(st)
+
+    def _free(self, st: RowState) -> None:
+        row, last = self._rows.index(st), len(self._rows) - 1
+        if row != last:
+            copy_cache_row(self._cache, last, row)
+            self._rows[row] = self._rows[last]
+        self._rows.pop()
+
+    def _drop_cancelled(self) -> None:
+        for st in [s for s in self._rows if s.req.cancelled]:
+            st.req.finish("cancelled")
+            self._free(st)
+
