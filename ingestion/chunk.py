@@ -1,0 +1,253 @@
+"""Chunk cleaned elements by section to a token budget, with overlap; tables kept whole or split by rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+from ingestion.elements import Chunk, Element
+
+_STOP_ZH = "。！？；"
+_STOP_EN = ".!?"
+_CLOSERS = "。！？；.!?”’」』）)\"'"
+_CLAUSE = "，、：,:;"
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split after 。！？； anywhere and after .!? followed by whitespace; never inside a character."""
+    out: list[str] = []
+    start = i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch in _STOP_ZH or (ch in _STOP_EN and (i + 1 == n or text[i + 1].isspace())):
+            j = i + 1
+            while j < n and text[j] in _CLOSERS:
+                j += 1
+            out.append(text[start:j])
+            start = i = j
+            continue
+        i += 1
+    if start < n:
+        out.append(text[start:])
+    return [s.strip() for s in out if s.strip()]
+
+
+def _pieces(text: str) -> list[str]:
+    """Smaller pieces of an over-long sentence: clauses, else words, else characters."""
+    parts: list[str] = []
+    buf = ""
+    for ch in text:
+        buf += ch
+        if ch in _CLAUSE:
+            parts.append(buf)
+            buf = ""
+    if buf:
+        parts.append(buf)
+    if len(parts) > 1:
+        return parts
+    words = text.split(" ")
+    if len(words) > 1:
+        return [w + " " for w in words[:-1]] + [words[-1]]
+    return list(text)
+
+
+def _join(a: str, b: str) -> str:
+    if not a:
+        return b
+    if _is_cjk(a[-1]) or _is_cjk(b[:1] or " "):
+        return a + b
+    return a + ("" if a.endswith(" ") else " ") + b
+
+
+def _fit(text: str, *, count_tokens: Callable[[str], int], max_tokens: int) -> list[str]:
+    """Split `text` into pieces that each fit the budget, preferring clause and word boundaries."""
+    if count_tokens(text) <= max_tokens:
+        return [text]
+    pieces = _pieces(text)
+    if len(pieces) == 1:  # a single character over budget cannot be split further
+        return pieces
+    out: list[str] = []
+    cur = ""
+    for piece in pieces:
+        cand = cur + piece
+        if cur and count_tokens(cand) > max_tokens:
+            out.append(cur)
+            cur = piece
+        else:
+            cur = cand
+    if cur:
+        out.append(cur)
+    result: list[str] = []
+    for part in out:
+        result.extend(_fit(part, count_tokens=count_tokens, max_tokens=max_tokens) if count_tokens(part) > max_tokens else [part])
+    return [p.strip() for p in result if p.strip()]
+
+
+class _TableRows(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            if not self.rows:
+                self.rows.append([])
+            self.rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def table_rows(element: Element) -> list[str]:
+    """Rows of a table as text lines ("a | b | c"), from its HTML where present."""
+    if element.html:
+        parser = _TableRows()
+        parser.feed(element.html)
+        rows = [" | ".join(c for c in row) for row in parser.rows if any(c for c in row)]
+        if rows:
+            return rows
+    return [ln for ln in element.text.split("\n") if ln.strip()]
+
+
+@dataclass(slots=True)
+class _Unit:
+    text: str
+    type: str
+    page: int
+    tokens: int
+    new_element: bool  # starts a new element (joined with a newline)
+    carry: bool  # may be repeated as overlap
+
+
+def _table_units(el: Element, *, count_tokens: Callable[[str], int], max_tokens: int) -> list[_Unit]:
+    rows = table_rows(el)
+    whole = "\n".join(rows)
+    n = count_tokens(whole)
+    if n <= max_tokens or len(rows) < 2:
+        return [_Unit(whole, "Table", el.page, n, True, False)]
+    header, body = rows[0], rows[1:]
+    parts: list[str] = []
+    cur: list[str] = []
+    for row in body:
+        cand = "\n".join([header, *cur, row])
+        if cur and count_tokens(cand) > max_tokens:
+            parts.append("\n".join([header, *cur]))
+            cur = [row]
+        else:
+            cur.append(row)
+    if cur:
+        parts.append("\n".join([header, *cur]))
+    units: list[_Unit] = []
+    for part in parts:
+        for piece in _fit(part, count_tokens=count_tokens, max_tokens=max_tokens):
+            units.append(_Unit(piece, "Table", el.page, count_tokens(piece), True, False))
+    return units
+
+
+def _units(el: Element, *, count_tokens: Callable[[str], int], max_tokens: int) -> list[_Unit]:
+    if el.type == "Table":
+        return _table_units(el, count_tokens=count_tokens, max_tokens=max_tokens)
+    units: list[_Unit] = []
+    for sentence in split_sentences(el.text):
+        for piece in _fit(sentence, count_tokens=count_tokens, max_tokens=max_tokens):
+            units.append(_Unit(piece, el.type, el.page, count_tokens(piece), not units, el.type != "Title"))
+    return units
+
+
+class _Packer:
+    """Accumulates units of one section and emits chunks within the budget."""
+
+    def __init__(self, *, count_tokens: Callable[[str], int], max_tokens: int, overlap_tokens: int) -> None:
+        self.count_tokens = count_tokens
+        self.max_tokens = max_tokens
+        self.overlap_tokens = overlap_tokens
+        self.chunks: list[Chunk] = []
+        self.buf: list[_Unit] = []
+        self.n_carried = 0  # leading units of buf that repeat the previous chunk
+        self.path: list[str] = []
+
+    def _text(self, units: list[_Unit]) -> str:
+        text = ""
+        for u in units:
+            text = (text + "\n" + u.text) if (text and u.new_element) else _join(text, u.text)
+        return text
+
+    def add(self, unit: _Unit) -> None:
+        if self.buf and sum(u.tokens for u in self.buf) + unit.tokens > self.max_tokens:
+            if len(self.buf) > self.n_carried:
+                self.emit(keep_overlap=True)
+            if self.buf and sum(u.tokens for u in self.buf) + unit.tokens > self.max_tokens:
+                self.buf, self.n_carried = [], 0  # overlap does not fit beside this unit
+        self.buf.append(unit)
+
+    def emit(self, *, keep_overlap: bool) -> None:
+        if len(self.buf) > self.n_carried:
+            units = self.buf
+            text = self._text(units)
+            tokens = self.count_tokens(text)
+            while tokens > self.max_tokens and len(units) > 1:  # joined text tokenised longer than its parts
+                units = units[:-1]
+                text = self._text(units)
+                tokens = self.count_tokens(text)
+            rest = self.buf[len(units):]
+            types = list(dict.fromkeys(u.type for u in units))
+            pages = [u.page for u in units]
+            self.chunks.append(Chunk(text=text, page_start=min(pages), page_end=max(pages),
+                                     heading_path=list(self.path), element_types=types, token_count=tokens))
+            if rest:
+                self.buf, self.n_carried = [], 0
+                for u in rest:
+                    self.add(u)
+                return
+        carried: list[_Unit] = []
+        if keep_overlap and self.overlap_tokens > 0:
+            total = 0
+            for u in reversed(self.buf):
+                if not u.carry or total + u.tokens > self.overlap_tokens:
+                    break
+                carried.insert(0, u)
+                total += u.tokens
+        if carried:
+            carried[0] = _Unit(carried[0].text, carried[0].type, carried[0].page, carried[0].tokens, True, True)
+        self.buf, self.n_carried = carried, len(carried)
+
+
+def chunk_elements(
+    elements: Iterable[Element],
+    *,
+    count_tokens: Callable[[str], int],
+    max_tokens: int = 256,
+    overlap_tokens: int = 32,
+) -> list[Chunk]:
+    """Group elements into chunks per section; every chunk has <= max_tokens tokens by `count_tokens`."""
+    if max_tokens <= 0 or not 0 <= overlap_tokens < max_tokens:
+        raise ValueError("need max_tokens > 0 and 0 <= overlap_tokens < max_tokens")
+    packer = _Packer(count_tokens=count_tokens, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
+    stack: list[tuple[int, str]] = []
+    for el in elements:
+        if el.type == "Title":
+            packer.emit(keep_overlap=False)
+            level = el.level if el.level is not None else (stack[-1][0] if stack else 0)
+            while stack and stack[-1][0] >= level:
+                stack.pop()
+            stack.append((level, " ".join(el.text.split())[:200]))
+            packer.path = [t for _, t in stack]
+        for unit in _units(el, count_tokens=count_tokens, max_tokens=max_tokens):
+            packer.add(unit)
+    packer.emit(keep_overlap=False)
+    return packer.chunks

@@ -1,0 +1,103 @@
+"""Clean partitioned elements: running headers/footers, boilerplate, hyphenation, width, duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import defaultdict
+from collections.abc import Iterable
+
+from ingestion.elements import Element
+
+DROP_TYPES = frozenset({"Header", "Footer", "PageNumber", "PageBreak", "Image"})
+_DEDUP_TYPES = frozenset({"NarrativeText", "ListItem", "UncategorizedText", "Table"})
+_EDGE = 2  # elements at each end of a page that may be running headers/footers
+_MIN_PAGES_FOR_RUNNING = 3
+
+# Chinese/Japanese punctuation kept full-width (NFKC would turn ，。！？ into ASCII look-alikes).
+_KEEP_WIDE = frozenset("，。！？；：、（）【】《》〈〉「」『』〔〕…—·～“”‘’")
+_CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef"
+_HYPHEN_LOWER = re.compile(r"(\w)[-\u00ad\x02]\n(?=[a-z])")
+_HYPHEN_OTHER = re.compile(r"(\w)-\n(?=\w)")
+_SOFT_HYPHEN = re.compile(r"[\u00ad\x02]")
+_NEWLINE_CJK = re.compile(rf"(?<=[{_CJK}])\s*\n\s*(?=[{_CJK}])")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f]+")
+_NEWLINES = re.compile(r"\s*\n\s*")
+_DIGITS = re.compile(r"\d+")
+_PAGE_NO = re.compile(r"^\s*(page\s+)?[-\u2013(]?\s*\d{1,4}\s*[-\u2013)]?(\s*(of|/)\s*\d+)?\s*$", re.I)
+
+
+def normalize_width(text: str) -> str:
+    """NFKC for full-width ASCII forms, ligatures and odd spaces; keep CJK punctuation."""
+    if text.isascii():
+        return text
+    return "".join(ch if ch.isascii() or ch in _KEEP_WIDE else unicodedata.normalize("NFKC", ch) for ch in text)
+
+
+def paragraph_fingerprint(text: str) -> str:
+    """Stable id of a paragraph's wording: case, width, digits-as-is and spacing ignored."""
+    norm = _SPACES.sub(" ", normalize_width(text).replace("\n", " ")).strip().lower()
+    return hashlib.sha1(norm.encode("utf-8")).hexdigest()[:16]
+
+
+def _running_key(text: str) -> str:
+    """Key for header/footer detection: page numbers and dates vary, so digits are masked."""
+    return _DIGITS.sub("#", _SPACES.sub(" ", text.replace("\n", " ")).strip().lower())
+
+
+def clean_text(text: str, *, keep_lines: bool = False) -> str:
+    """Fix line-end hyphenation, normalise width and whitespace; tables keep their line breaks."""
+    text = normalize_width(text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _HYPHEN_LOWER.sub(r"\1", text)
+    text = _HYPHEN_OTHER.sub(r"\1-", text)
+    text = _SOFT_HYPHEN.sub("", text)
+    text = _NEWLINE_CJK.sub("", text)
+    if keep_lines:
+        lines = (_SPACES.sub(" ", ln).strip() for ln in text.split("\n"))
+        return "\n".join(ln for ln in lines if ln)
+    return _SPACES.sub(" ", _NEWLINES.sub(" ", text)).strip()
+
+
+def _running_indexes(elements: list[Element]) -> set[int]:
+    """Indexes of elements at page edges whose (digit-masked) text recurs on many pages."""
+    by_page: dict[int, list[int]] = defaultdict(list)
+    for i, el in enumerate(elements):
+        by_page[el.page].append(i)
+    if len(by_page) < _MIN_PAGES_FOR_RUNNING:
+        return set()
+    pages_with: dict[str, set[int]] = defaultdict(set)
+    candidates: dict[str, list[int]] = defaultdict(list)
+    for page, idxs in by_page.items():
+        for i in set(idxs[:_EDGE] + idxs[-_EDGE:]):
+            el = elements[i]
+            if el.type == "Table" or len(el.text) > 200:
+                continue
+            key = _running_key(el.text)
+            pages_with[key].add(page)
+            candidates[key].append(i)
+    threshold = max(_MIN_PAGES_FOR_RUNNING, int(0.3 * len(by_page)))
+    return {i for key, pages in pages_with.items() if len(pages) >= threshold for i in candidates[key]}
+
+
+def clean_elements(elements: Iterable[Element], *, boilerplate: set[str] | frozenset[str] = frozenset()) -> list[Element]:
+    """Return cleaned copies; drops headers/footers, page numbers, boilerplate, empty and duplicate paragraphs."""
+    items = [el for el in elements if el.type not in DROP_TYPES and el.text.strip()]
+    running = _running_indexes(items)
+    seen: set[str] = set()
+    out: list[Element] = []
+    for i, el in enumerate(items):
+        if i in running or _PAGE_NO.match(el.text):
+            continue
+        text = clean_text(el.text, keep_lines=el.type == "Table")
+        if not text:
+            continue
+        fp = paragraph_fingerprint(text)
+        if fp in boilerplate:
+            continue
+        if el.type in _DEDUP_TYPES:
+            if fp in seen:
+                continue
+            seen.add(fp)
+        out.append(Element(text=text, type=el.type, page=el.page, level=el.level, html=el.html))
+    return out
