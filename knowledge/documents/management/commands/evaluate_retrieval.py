@@ -20,13 +20,17 @@ class Command(BaseCommand):
         parser.add_argument("--datasets", nargs="+", default=list(LOADERS), choices=list(LOADERS))
         parser.add_argument("--shared", type=Path, default=settings.BASE_DIR.parent / "shared", help="folder holding eval/")
         parser.add_argument("--out", type=Path, default=settings.BASE_DIR / "benchmarks/results/retrieval_eval.json")
+        parser.add_argument("--no-cache", action="store_true", help="re-embed instead of reusing DATA_DIR/cache/retrieval_eval")
 
-    def handle(self, *args, limit, embedders, datasets, shared, out, **options) -> None:
+    def handle(self, *args, limit, embedders, datasets, shared, out, no_cache, **options) -> None:
         if limit is not None and limit < 1:
             raise CommandError("--limit must be at least 1")
         if not (shared / "eval").is_dir():
             raise CommandError(f"{shared / 'eval'} not found: pass --shared to the folder holding eval/tatqa and eval/cmrc2018")
-        results = run_evaluation(shared_dir=shared, datasets=datasets, embedders=embedders, limit=limit, log=self.stdout.write)
+        cache = None if no_cache else settings.DATA_DIR / "cache" / "retrieval_eval"
+        results = run_evaluation(
+            shared_dir=shared, datasets=datasets, embedders=embedders, limit=limit, cache_dir=cache, log=self.stdout.write
+        )
         results["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         argv = (["--limit", str(limit)] if limit else []) + ["--embedders", *embedders, "--datasets", *datasets]
         results["command"] = "python manage.py evaluate_retrieval " + " ".join(argv)
