@@ -54,10 +54,14 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
               naive: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention with a boolean mask (True = may attend); q/k/v already GQA-expanded."""
+    """Scaled dot-product attention with a boolean mask (True = may attend); k/v may have fewer heads than q (GQA)."""
+    n_rep = q.shape[1] // k.shape[1]
     if naive:
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(n_rep, dim=1)
         return naive_attention(q, k, v, mask, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=n_rep > 1)
 
 
 class Attention(nn.Module):
@@ -92,9 +96,6 @@ class Attention(nn.Module):
             k_all, v_all = cache.update(positions, k, v)
             s = mask.shape[-1] if mask is not None else cache.max_len
             k, v = k_all[:b, :, :s], v_all[:b, :, :s]  # (B, Hkv, S, D)
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_rep, dim=1)
         out = attention(q, k, v, mask, self.scale, naive=self.naive)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
