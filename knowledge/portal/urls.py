@@ -1,4 +1,6 @@
 """URLs of the analyst portal: pages under /, JSON under /api/, OpenAI-compatible under /v1/."""
+from django.contrib.auth.decorators import login_not_required
+from django.contrib.staticfiles.views import serve as static_serve
 from django.urls import path
 from django.views.i18n import set_language
 
@@ -8,6 +10,8 @@ app_name = "portal"
 
 urlpatterns = [
     path("", ask.ask_page, name="home"),
+    # Embedded mode serves its few static files itself (no collectstatic, no separate web server).
+    path("static/<path:path>", login_not_required(static_serve), {"insecure": True}, name="static"),
     path("i18n/setlang/", set_language, name="set_language"),
     path("ask/stream/", ask.ask_stream, name="ask_stream"),
     path("conversations/", ask.conversation_list, name="conversation_list"),

@@ -79,3 +79,20 @@ def test_group_visibility_needs_own_group(users, media):
     resp = c.post("/api/documents/", {"file": _pdf(), "visibility": "group", "group": users["desk"].pk},
                   HTTP_X_CSRFTOKEN=token)
     assert resp.status_code == 400 and "groups" in resp.json()["error"]
+
+
+def test_failed_document_can_be_retried_by_its_owner_only(users, media):
+    from portal_helpers import make_document
+
+    doc = make_document(owner=users["alice"], media=media, status="failed")
+    doc.status_reason = "The PDF is encrypted: upload a copy without a password, then retry."
+    doc.save()
+    c, token = _csrf_client(users["alice"])
+    status = c.get(f"/api/documents/status/?ids={doc.pk}").json()["documents"][0]
+    assert status["status"] == "failed" and "encrypted" in status["status_reason"]
+    b, tb = _csrf_client(users["bob"])
+    assert b.post(f"/api/documents/{doc.pk}/retry/", HTTP_X_CSRFTOKEN=tb).status_code == 404
+    resp = c.post(f"/api/documents/{doc.pk}/retry/", HTTP_X_CSRFTOKEN=token)
+    assert resp.status_code == 200 and resp.json()["status"] == "queued"
+    doc.refresh_from_db()
+    assert doc.status == "queued"
