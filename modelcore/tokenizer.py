@@ -121,8 +121,10 @@ class AutoTokenizer:
                  add_special_tokens: bool = True, padding_side: str | None = None) -> BatchEncoding:
         """Encode one string or a batch; pads batches with pad_token on `padding_side`; 'pt' returns tensors."""
         single = isinstance(text, str)
+        if not single and not isinstance(text, (list, tuple)):
+            raise TokenizerError(f"the tokenizer takes a str or a list of str, got {type(text).__name__}")
         texts = [text] if single else list(text)
-        if any(not isinstance(t, str) for t in texts):
+        if not texts or any(not isinstance(t, str) for t in texts):
             raise TokenizerError("the tokenizer takes a str or a list of str")
         ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
         side = padding_side or self.padding_side
