@@ -6,6 +6,7 @@ times greedy decode steps at each batch size, for:
 * ours_eager_sorted  - modelcore's default dispatch (sort tokens by expert, one matmul chain per hit expert)
 * ours_eager_grouped - modelcore with packed experts and torch's grouped GEMM (no host synchronisation)
 * ours_graph_grouped - the same decode step captured once in a CUDA graph and replayed
+* ours_compiled_graph_grouped - the step body through torch.compile (Inductor fuses the small ops), then captured
 * hf_default         - transformers' DeepseekV2ForCausalLM with its default attention/experts implementation
 
 Before timing it checks the grouped dispatch against the sorted one and the graph replay against the eager step.
@@ -86,8 +87,11 @@ def build_ours(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
 class Decoder:
     """One greedy decode step over a fixed-size latent cache: static shapes, no host sync (graph-capturable)."""
 
-    def __init__(self, model: Transformer, batch: int, max_len: int):
+    def __init__(self, model: Transformer, batch: int, max_len: int, compiled: bool = False):
         self.model, self.max_len = model, max_len
+        # compiled: each Block through torch.compile; the MoE blocks share one compiled graph (same code, same shapes)
+        self.raw_layers = list(model.model.layers)
+        self.layers = [torch.compile(layer, dynamic=False) for layer in self.raw_layers] if compiled else self.raw_layers
         self.cache = model.new_cache(batch, max_len)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
@@ -104,14 +108,18 @@ class Decoder:
         self.tokens.copy_(tokens.view(-1, 1))
         self.pos.fill_(pos)
 
-    def step(self) -> torch.Tensor:
+    def _body(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of the next token; writes this token's latent into the cache."""
         m = self.model.model
-        mask = self.keys[None, None, None, :] <= self.pos[:, None, :, None]  # (B, 1, 1, L)
+        mask = self.keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, L)
+        h = m.embed_tokens(tokens)  # (B, 1, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, pos, self.cache[i], mask)
+        return self.model.lm_head(m.norm(h))[:, -1]  # (B, V)
+
+    def step(self) -> torch.Tensor:
         with torch.no_grad():
-            h = m.embed_tokens(self.tokens)  # (B, 1, D)
-            for i, layer in enumerate(m.layers):
-                h = layer(h, self.pos, self.cache[i], mask)
-            logits = self.model.lm_head(m.norm(h))[:, -1]  # (B, V)
+            logits = self._body(self.tokens, self.pos)
             self.tokens.copy_(logits.argmax(-1, keepdim=True))
             self.pos.add_(1)
         return logits
@@ -120,7 +128,7 @@ class Decoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
+            for _ in range(3):  # also triggers torch.compile's compilation
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
@@ -148,15 +156,27 @@ def use_grouped(model: Transformer, on: bool) -> None:
             m.packed = m._pack_store if on else None
 
 
-def time_ours(model: Transformer, *, batch: int, prompt: int, new: int, graph: bool, seed: int) -> dict[str, Any]:
+def time_ours(model: Transformer, *, batch: int, prompt: int, new: int, graph: bool, seed: int,
+              compiled: bool = False) -> dict[str, Any]:
     device = model.device
     ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(seed))
-    dec = Decoder(model, batch, prompt + new + 8)
+    dec = Decoder(model, batch, prompt + new + 8, compiled=compiled)
     dec.prefill(ids)
     first = dec.tokens.clone()
+    t_cap = time.perf_counter()
     if graph:
         dec.capture()
+    capture_s = time.perf_counter() - t_cap
+    check: dict[str, float] = {}
+    if graph:  # the replayed step against the plain eager step, from the same state
+        dec.reset(first, prompt)
+        replay = dec.run().clone()
+        dec.reset(first, prompt)
+        dec.layers, compiled_layers = dec.raw_layers, dec.layers
+        eager = dec.step().clone()
+        dec.layers = compiled_layers
+        check = {"replay_vs_eager_rel_err": rel_err(replay, eager), "replay_finite": bool(replay.isfinite().all())}
     for _ in range(3):  # warm-up
         dec.run()
     dec.reset(first, prompt)
@@ -166,7 +186,8 @@ def time_ours(model: Transformer, *, batch: int, prompt: int, new: int, graph: b
         dec.run()
     sync(device)
     dt = time.perf_counter() - t0
-    return {"batch": batch, "new_tokens": new, "seconds": dt, "ms_per_step": 1000 * dt / new, "tok_per_s": batch * new / dt}
+    return {"batch": batch, "new_tokens": new, "seconds": dt, "ms_per_step": 1000 * dt / new, "tok_per_s": batch * new / dt,
+            "compile_and_capture_seconds": capture_s, **check}
 
 
 def check_ours(model: Transformer, device: torch.device) -> dict[str, float]:
@@ -192,7 +213,10 @@ def check_ours(model: Transformer, device: torch.device) -> dict[str, float]:
         dec.reset(first, 16)
         eager = dec.step().clone()
         dec.reset(first, 16)
+        eager2 = dec.step().clone()  # atomics in index_add_ make bf16 runs differ slightly: the noise floor
+        dec.reset(first, 16)
         replay = dec.run().clone()
+        out["eager_vs_eager_rel_err"] = rel_err(eager2, eager)
         out["graph_vs_eager_rel_err"] = rel_err(replay, eager)
         out["graph_logits_abs_max"] = float(replay.float().abs().max())
     return out
@@ -243,6 +267,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variant")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu_moe.json"))
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -262,31 +287,45 @@ def main() -> None:
     result["cache_values_per_token_per_layer"] = cache[0].kv.shape[-1]
     print(f"params {result['params'] / 1e9:.2f}B, built in {result['build_seconds_ours']:.1f}s, "
           f"cache {result['cache_values_per_token_per_layer']} values/token/layer", flush=True)
-    variants = [("ours_eager_sorted", False, False), ("ours_eager_grouped", True, False), ("ours_graph_grouped", True, True)]
+    variants = [("ours_eager_sorted", False, False, False), ("ours_eager_grouped", True, False, False),
+                ("ours_graph_grouped", True, True, False), ("ours_compiled_graph_grouped", True, True, True)]
     if device.type != "cuda":
         variants = variants[:1]
+    if a.skip_compile:
+        variants = [v for v in variants if not v[3]]
     result["checks"] = check_ours(model, device)
     print("checks", result["checks"], flush=True)
-    for name, packed, graph in variants:
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2, default=str))
+
+    for name, packed, graph, compiled in variants:
+        if compiled and not a.skip_hf and "hf_default" not in result:  # transformers first: compiling may run long
+            result["hf_default"] = time_hf(cfg, device=device, dtype=dtype, batches=a.batches, prompt=a.prompt, new=a.new,
+                                           seed=1)
+            gc.collect()
+            torch.cuda.empty_cache()
+            save()
         use_grouped(model, packed)
         runs = []
         for batch in a.batches:
-            r = time_ours(model, batch=batch, prompt=a.prompt, new=a.new, graph=graph, seed=1)
+            try:
+                r = time_ours(model, batch=batch, prompt=a.prompt, new=a.new, graph=graph, seed=1, compiled=compiled)
+            except Exception as exc:  # report, keep the other figures
+                print(f"{name} batch {batch}: FAILED {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                runs.append({"batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"})
+                continue
             runs.append(r)
-            print(f"{name:20s} batch {batch:3d}: {r['tok_per_s']:9.1f} tok/s  ({r['ms_per_step']:.2f} ms/step)", flush=True)
+            print(f"{name:28s} batch {batch:3d}: {r['tok_per_s']:9.1f} tok/s  ({r['ms_per_step']:.2f} ms/step)", flush=True)
         result[name] = runs
-    if device.type == "cuda":
-        result["peak_gib_ours"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    if not a.skip_hf:
+        if device.type == "cuda":
+            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        save()
+    if not a.skip_hf and "hf_default" not in result:
         result["hf_default"] = time_hf(cfg, device=device, dtype=dtype, batches=a.batches, prompt=a.prompt, new=a.new, seed=1)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    save()
     print(f"saved {out}")
 
 
