@@ -13,6 +13,7 @@ TASK_CHUNK = "documents.chunk"
 TASK_EMBED = "documents.embed"
 TASK_INDEX = "documents.index"
 TASK_INDEX_DELETE = "documents.index_delete"
+TASK_RESUME_STALLED = "documents.resume_stalled"  # housekeeping, for the beat schedule
 TASK_QUEUES = {
     TASK_PARTITION: QUEUE_INGEST,
     TASK_CLEAN: QUEUE_INGEST,

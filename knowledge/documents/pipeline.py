@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ from knowledge.documents.models import (
 log = logging.getLogger(__name__)
 
 BOILERPLATE_MIN_DOCUMENTS = 3
-EMBED_BATCH = 64
+EMBED_BATCH = 32
 CHUNK_MAX_TOKENS = 256
 CHUNK_OVERLAP_TOKENS = 32
 INDEX_LOCK_TIMEOUT = 120.0  # seconds to wait for the one index writer (rebuild_index may hold it)
@@ -59,7 +60,8 @@ def embedder():
 
 
 def embed_batch_size() -> int:
-    return int(getattr(settings, "KD_EMBED_BATCH", 0) or EMBED_BATCH)
+    """Chunks embedded and saved per step (KD_EMBED_BATCH; a setting once settings.py names it)."""
+    return int(getattr(settings, "KD_EMBED_BATCH", 0) or os.environ.get("KD_EMBED_BATCH") or EMBED_BATCH)
 
 
 def stage_enter(*, document_id: int, expected: tuple[str, ...], status: str, progress: int | None = None) -> Document | None:
@@ -212,9 +214,18 @@ def clean_run(*, document_id: int) -> bool:
     return True
 
 
+def chunk_plan(*, elements) -> list:
+    """The chunks of cleaned elements, within the embedder's token budget."""
+    from ingestion.chunk import chunk_elements
+
+    emb = embedder()
+    max_tokens = min(CHUNK_MAX_TOKENS, int(getattr(emb, "max_tokens", CHUNK_MAX_TOKENS) or CHUNK_MAX_TOKENS))
+    chunks = chunk_elements(elements, count_tokens=emb.count_tokens, max_tokens=max_tokens, overlap_tokens=CHUNK_OVERLAP_TOKENS)
+    return [c for c in chunks if c.text.strip()]
+
+
 def chunk_run(*, document_id: int) -> bool:
     """Cut the cleaned elements into token-bounded chunks (rows without vectors yet)."""
-    from ingestion.chunk import chunk_elements
     from ingestion.clean import clean_elements
 
     document = stage_enter(document_id=document_id, expected=(Status.CHUNKING,), status=Status.CHUNKING)
@@ -223,10 +234,7 @@ def chunk_run(*, document_id: int) -> bool:
     elements = _elements_load(document=document, name="cleaned")
     if elements is None:
         elements = clean_elements(_partitioned(document=document)[0], boilerplate=set())
-    emb = embedder()
-    max_tokens = min(CHUNK_MAX_TOKENS, int(getattr(emb, "max_tokens", CHUNK_MAX_TOKENS) or CHUNK_MAX_TOKENS))
-    chunks = chunk_elements(elements, count_tokens=emb.count_tokens, max_tokens=max_tokens, overlap_tokens=CHUNK_OVERLAP_TOKENS)
-    chunks = [c for c in chunks if c.text.strip()]
+    chunks = chunk_plan(elements=elements)
     if not chunks:
         raise StageError("The file has no text that can be indexed.")
     with transaction.atomic():

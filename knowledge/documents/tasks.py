@@ -7,17 +7,21 @@ acks_late and reject_on_worker_lost are set in settings: a killed worker's task 
 """
 from __future__ import annotations
 
+import datetime as dt
 import random
 
 from celery import chain, shared_task
 from celery.exceptions import Ignore
 from celery.canvas import Signature
+from django.utils import timezone
 
 from knowledge import queues
 from knowledge.documents import pipeline, workers  # noqa: F401 - workers registers the heartbeat
+from knowledge.documents.models import IN_PROGRESS, Document, Status
 from knowledge.documents.runner import TRANSIENT_ERRORS, stage_fail
 
 MAX_RETRIES = 3
+STALLED_AFTER_S = 2 * 3600  # beyond the broker's visibility timeout, so redelivery had its chance first
 
 
 def _backoff(retries: int) -> float:
@@ -62,7 +66,7 @@ def index(self, document_id: int) -> bool:
     return _run(self, stage="index", document_id=document_id)
 
 
-@shared_task(bind=True, name=queues.TASK_INDEX_DELETE, queue=queues.QUEUE_INDEX)
+@shared_task(bind=True, name=queues.TASK_INDEX_DELETE)
 def index_delete(self) -> int:
     """Drain retired vectors from the index (after a delete or reprocess)."""
     try:
@@ -71,7 +75,31 @@ def index_delete(self) -> int:
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries), max_retries=MAX_RETRIES)
 
 
-def pipeline_signature(*, document_id: int) -> Signature:
-    """The stage chain for one document, each step on its queue."""
-    steps = (partition, clean, chunk, embed, index)
+STEPS = (partition, clean, chunk, embed, index)
+STAGE_OF_STATUS = {
+    Status.QUEUED: 0, Status.PARTITIONING: 0, Status.CLEANING: 1, Status.CHUNKING: 2, Status.EMBEDDING: 3, Status.INDEXING: 4,
+}
+
+
+def pipeline_signature(*, document_id: int, status: str = Status.QUEUED) -> Signature:
+    """The stage chain for one document from the stage its status names, each step on its queue."""
+    steps = STEPS[STAGE_OF_STATUS[status]:]
     return chain(*(t.si(document_id).set(queue=queues.TASK_QUEUES[t.name]) for t in steps))
+
+
+def documents_resume_stalled(*, older_than_s: float) -> list[int]:
+    """Queue again the rest of the chain of documents stuck mid-pipeline (e.g. a broker outage lost a hand-off).
+
+    Safe to over-send: every stage is a no-op when it is not its turn.
+    """
+    since = timezone.now() - dt.timedelta(seconds=older_than_s)
+    stalled = list(Document.objects.filter(status__in=IN_PROGRESS, updated_at__lt=since).values_list("pk", "status"))
+    for document_id, status in stalled:
+        pipeline_signature(document_id=document_id, status=status).apply_async()
+    return [pk for pk, _ in stalled]
+
+
+@shared_task(name=queues.TASK_RESUME_STALLED)
+def resume_stalled(older_than_s: float = STALLED_AFTER_S) -> list[int]:
+    """Periodic housekeeping (beat): resume documents whose pipeline stopped moving."""
+    return documents_resume_stalled(older_than_s=older_than_s)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import kombu.pools
 import pytest
 import redis
 from django.conf import settings
@@ -55,8 +56,7 @@ def celery_broker(url: str) -> Iterator[None]:
     from knowledge.celery import app
 
     def reset() -> None:
-        if app._pool is not None:
-            app._pool.force_close_all()
+        kombu.pools.reset()  # close and forget pooled connections and producers, keyed by the old URL
         app._pool = None
         app.amqp._producer_pool = None
 
@@ -73,8 +73,8 @@ def celery_broker(url: str) -> Iterator[None]:
 class Worker:
     """A real `celery worker` subprocess with its own log, killable with SIGKILL."""
 
-    def __init__(self, *, data_dir: Path, broker_url: str, queues: str = PIPELINE_QUEUES):
-        self.data_dir, self.broker_url, self.queues = data_dir, broker_url, queues
+    def __init__(self, *, data_dir: Path, broker_url: str, queues: str = PIPELINE_QUEUES, env: dict | None = None):
+        self.data_dir, self.broker_url, self.queues, self.extra_env = data_dir, broker_url, queues, env or {}
         self.name = f"kdtest-{uuid.uuid4().hex[:8]}@localhost"
         self.log = data_dir / f"worker-{self.name.split('@')[0]}.log"
         self.proc: subprocess.Popen | None = None
@@ -86,6 +86,7 @@ class Worker:
             KD_DATA_DIR=str(self.data_dir), KD_VISIBILITY_TIMEOUT="8", DJANGO_SETTINGS_MODULE="knowledge.settings",
             DO_NOT_TRACK="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, *, wait: bool = True) -> "Worker":
