@@ -16,7 +16,7 @@ from django.utils.translation import gettext as _
 
 from knowledge.portal import textmatch
 from knowledge.portal.citations import MarkerStream, cited_numbers, clean_markers
-from knowledge.portal.generation import engine_for, stream_text
+from knowledge.portal.generation import engine_for, max_new_tokens_for, stream_text
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ def answer_stream(*, user, question: str, conversation=None, filters: dict | Non
         engine = engine_for(purpose=purpose) if use_model else None
         if engine is not None:
             marker = MarkerStream(valid={s["n"] for s in sources})
-            for piece in stream_text(engine=engine, messages=_prompt(question, sources), max_new_tokens=200,
-                                     stop=["\nQuestion:", "<|im_end|>"]):
+            for piece in stream_text(engine=engine, messages=_prompt(question, sources),
+                                     max_new_tokens=max_new_tokens_for(purpose=purpose), stop=["\n\n", "\nQuestion:"]):
                 out = marker.feed(piece)
                 if out:
                     text += out
@@ -215,7 +215,7 @@ def answer_stream(*, user, question: str, conversation=None, filters: dict | Non
         extract, support = extractive_answer(question=question, sources=sources)
         if ABSTAIN in text and support < MIN_COVERAGE:
             not_found, text = True, not_found_text()
-            yield {"event": "replace", "text": text}
+            yield {"event": "replace", "text": text, "reason": "abstained"}
         elif not answer_verified(text=text, question=question, sources=sources):
             if engine is None:
                 text = extract
@@ -224,7 +224,7 @@ def answer_stream(*, user, question: str, conversation=None, filters: dict | Non
                 text = extract
             else:
                 text = extract
-                yield {"event": "replace", "text": text}
+                yield {"event": "replace", "text": text, "reason": "unverified"}
     valid = {s["n"] for s in sources}
     text = clean_markers(text.strip(), valid=valid)
     by_n = {s["n"]: s for s in sources}

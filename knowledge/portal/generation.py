@@ -17,8 +17,21 @@ def profile_for(*, purpose: str):
     return ModelProfile.objects.filter(**{field: True}).order_by("id").first()
 
 
+DEFAULT_MAX_NEW_TOKENS = 96
+
+
+def max_new_tokens_for(*, purpose: str) -> int:
+    profile = profile_for(purpose=purpose)
+    return profile.max_new_tokens if profile else DEFAULT_MAX_NEW_TOKENS
+
+
 def engine_for(*, purpose: str):
-    """The in-process Engine for this purpose, or None when the model core cannot load one."""
+    """The in-process Engine for this purpose, or None (extractive answers) when switched off or not loadable.
+
+    ``settings.KD_ANSWER_WITH_MODEL = False`` switches generation off: answers then quote the sources.
+    """
+    if not getattr(settings, "KD_ANSWER_WITH_MODEL", True):
+        return None
     profile = profile_for(purpose=purpose)
     path = (profile.checkpoint_path if profile else "") or settings.KD_GENERATOR_MODEL or None
     quant = (profile.quantization if profile else "") or settings.KD_GENERATOR_QUANTIZATION or None

@@ -95,7 +95,7 @@ class ModelProfile(models.Model):
     )
     quantization = models.CharField(max_length=16, blank=True, default="")
     attention_mode = models.CharField(max_length=32, blank=True, default="", help_text=_("attention/routing mode"))
-    max_new_tokens = models.PositiveIntegerField(default=200)
+    max_new_tokens = models.PositiveIntegerField(default=96)
     use_for_qa = models.BooleanField(default=False)
     use_for_reports = models.BooleanField(default=False)
 

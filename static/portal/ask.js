@@ -49,7 +49,12 @@
   function handle(ev, parts) {
     if (ev.event === "sources") renderSources(parts.sources, ev.sources);
     else if (ev.event === "token") { parts.raw += ev.text; parts.text.textContent = parts.raw; }
-    else if (ev.event === "replace") { parts.raw = ev.text; parts.text.textContent = ev.text; }
+    else if (ev.event === "replace") {
+      parts.raw = ev.text; parts.text.textContent = ev.text;
+      const note = document.createElement("div"); note.className = "muted note";
+      note.textContent = ev.reason === "abstained" ? KD.t.abstained : KD.t.unverified;
+      parts.box.insertBefore(note, parts.sources);
+    }
     else if (ev.event === "error") { parts.text.textContent = ev.error; parts.box.classList.add("error"); }
     else if (ev.event === "done") {
       renderCited(parts.text, ev.text, ev.citations);

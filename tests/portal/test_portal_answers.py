@@ -27,7 +27,8 @@ def corpus(django_db_setup, django_db_blocker, tmp_path_factory):
     root = tmp_path_factory.mktemp("kd")
     memo = root / "nightingale_memo.txt"
     memo.write_text(SECRET)
-    with override_settings(DATA_DIR=root, MEDIA_ROOT=root / "uploads", INDEX_DIR=root / "index"):
+    with override_settings(DATA_DIR=root, MEDIA_ROOT=root / "uploads", INDEX_DIR=root / "index",
+                           KD_ANSWER_WITH_MODEL=False):  # extractive here; the model path has its own test
         with django_db_blocker.unblock():
             alice = User.objects.create_user("alice-a", password="pw-alice-123")
             bob = User.objects.create_user("bob-a", password="pw-bob-123")
@@ -59,6 +60,29 @@ def test_answer_cites_the_signing_page_and_only_retrieved_chunks(corpus):
     assert all(c["document_id"] == corpus["amcor"].pk for c in ans.citations)
     assert "Damien Clayton" in ans.text
     assert any(c["page_start"] == 3 for c in ans.citations)
+
+
+@pytest.mark.django_db
+def test_model_draft_streams_from_the_engine_and_is_guarded(corpus):
+    """The real SmolLM2 weights through the Engine: tokens stream, and what stays is verified or replaced."""
+    from knowledge.portal.answering import answer_stream, answer_verified
+
+    with override_settings(KD_ANSWER_WITH_MODEL=True):
+        events = list(answer_stream(user=corpus["alice"], question="What is Amcor's ticker symbol on the New York Stock Exchange?"))
+    sources = events[0]["sources"]
+    tokens = [e for e in events if e["event"] == "token"]
+    done = events[-1]
+    assert len(tokens) > 3  # generated piece by piece
+    replaced = [e for e in events if e["event"] == "replace"]
+    assert done["citations"] and {c["n"] for c in done["citations"]} <= {s["n"] for s in sources}
+    if replaced:  # the draft failed verification: the quoted passage replaced it
+        assert replaced[-1]["text"] == done["text"] and "AMCR" in done["text"]
+    else:  # the model's own text survived: every number it states is in a cited chunk
+        from knowledge.documents.models import Chunk
+        from knowledge.portal.textmatch import numbers
+
+        cited = " ".join(Chunk.objects.filter(pk__in=[c["chunk_id"] for c in done["citations"]]).values_list("text", flat=True))
+        assert numbers(done["text"].replace("[", " ").replace("]", " ")) - {str(c["n"]) for c in done["citations"]} <= numbers(cited)
 
 
 @pytest.mark.django_db

@@ -22,7 +22,7 @@ class Migration(migrations.Migration):
                 ('checkpoint_path', models.CharField(blank=True, default='', help_text='Empty: the built-in default (SmolLM2-135M-Instruct).', max_length=500)),
                 ('quantization', models.CharField(blank=True, default='', max_length=16)),
                 ('attention_mode', models.CharField(blank=True, default='', help_text='attention/routing mode', max_length=32)),
-                ('max_new_tokens', models.PositiveIntegerField(default=200)),
+                ('max_new_tokens', models.PositiveIntegerField(default=96)),
                 ('use_for_qa', models.BooleanField(default=False)),
                 ('use_for_reports', models.BooleanField(default=False)),
             ],
