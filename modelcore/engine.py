@@ -108,14 +108,14 @@ class RowState:
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)))
             self.generator = torch.Generator(device=device).manual_seed(seed)
         self.eos = set(p.eos_token_ids)
+        self.result: str | None = None  # finish reason once push() returned True
         self.max_stop = max((len(x) for x in p.stop_strings), default=0)
 
     def push(self, token: int) -> bool:
         """Account one sampled token; stream its text; True when the request is finished."""
         req = self.req
         if req.cancelled:
-            req.finish("cancelled")
-            return True
+            return self._end("cancelled", "")
         req.n_tokens += 1
         if token in self.eos:
             return self._end("stop", self.pending + self.decoder.flush())
@@ -128,8 +128,8 @@ class RowState:
             hits = [j for j in (full.find(s, window_start) for s in req.params.stop_strings) if j >= 0]
             if hits:
                 return self._end("stop", full[len(req.text):min(hits)])
-        if req.n_tokens >= req.budget:
-            return self._end("length", self.pending + self.decoder.flush())
+        if req.n_tokens >= req.budget:  # a character cut in half by the limit is dropped, not shown as U+FFFD
+            return self._end("length", (self.pending + self.decoder.flush()).rstrip("\ufffd"))
         hold = self._held_suffix()
         req.emit(self.pending[: len(self.pending) - hold])
         self.pending = self.pending[len(self.pending) - hold:]
@@ -147,8 +147,9 @@ class RowState:
         return 0
 
     def _end(self, reason: str, tail: str) -> bool:
+        """Emit the last text; the Engine signals the finish once the row is freed."""
         self.req.emit(tail)
-        self.req.finish(reason)
+        self.result = reason
         return True
 
 
@@ -305,11 +306,16 @@ class Engine:
                     admit: list[Request] = []
                     while self._waiting and len(self._rows) + len(admit) < self.max_batch:
                         admit.append(self._waiting.popleft())
-                self._drop_cancelled()
-                for req in admit:
-                    self._admit(req)
-                if self._rows:
-                    self._decode_step()
+                try:
+                    self._drop_cancelled()
+                    for req in admit:
+                        self._admit(req)
+                    if self._rows:
+                        self._decode_step()
+                except Exception as exc:  # never let the worker die: fail what was in flight, keep serving
+                    for st in self._rows:
+                        st.req.fail(exc)
+                    self._rows.clear()
         for st in list(self._rows):
             st.req.finish("cancelled")
         for req in self._waiting:
@@ -359,11 +365,14 @@ class Engine:
         for i, (st, lg) in enumerate(pairs):
             if i not in picks:
                 p = st.req.params
-                lg = apply_repetition_penalty(lg[None, :vocab], st.seen[None, :vocab], p.repetition_penalty)
+                lg = lg[None, :vocab]  # (1, V)
+                if st.seen is not None:
+                    lg = apply_repetition_penalty(lg, st.seen[None, :vocab], p.repetition_penalty)
                 picks[i] = int(sample(lg, params=p, generator=st.generator)[0])
         done = [st for i, (st, _) in enumerate(pairs) if st.push(picks[i])]
         for st in done:
             self._free(st)
+            st.req.finish(st.result or "stop")
 
     def _free(self, st: RowState) -> None:
         row, last = self._rows.index(st), len(self._rows) - 1
@@ -374,6 +383,6 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         for st in [s for s in self._rows if s.req.cancelled]:
-            st.req.finish("cancelled")
             self._free(st)
+            st.req.finish("cancelled")
 

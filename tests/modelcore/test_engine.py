@@ -1,0 +1,123 @@
+"""Continuous-batching Engine on the real SmolLM2 weights: concurrency, cancellation, bad requests, stops, sampling."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from modelcore.engine import Engine
+from modelcore.errors import GenerationConfigError, PromptError
+
+QUESTIONS = [
+    "What is revenue?",
+    "Explain EBITDA in one sentence.",
+    "List three risks for a bank.",
+    "什么是资产负债表？",
+    "What does a CFO do?",
+]
+N_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def eng():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box is shared: one intra-op thread avoids OpenMP spin-waits
+    yield Engine.get(max_batch=4, max_len=512)
+    torch.set_num_threads(threads)
+
+
+def _chat(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+def _alone(eng: Engine, q: str, n: int = N_NEW) -> str:
+    """Reference: the model's own greedy generate() on this prompt alone, decoded without special tokens."""
+    ids = eng.tokenizer.apply_chat_template(_chat(q), add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    out = eng.model.generate(ids, max_new_tokens=n)[0, ids.shape[1]:].tolist()
+    eos = set(eng.eos_token_ids)
+    cut = next((i for i, t in enumerate(out) if t in eos), len(out))
+    return eng.tokenizer.decode(out[:cut], skip_special_tokens=True).rstrip("\ufffd")  # Engine drops a cut-off character
+
+
+def _concurrently(fn, n: int) -> list:
+    out: list = [None] * n
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return out
+
+
+def test_concurrent_requests_equal_alone(eng: Engine) -> None:
+    assert Engine.get(max_batch=4, max_len=512) is eng
+    expected = [_alone(eng, q) for q in QUESTIONS]
+    reqs = _concurrently(lambda i: eng.submit(messages=_chat(QUESTIONS[i]), max_new_tokens=N_NEW), len(QUESTIONS))
+    pieces = _concurrently(lambda i: list(reqs[i]), len(QUESTIONS))  # 5 requests > 4 slots: one waits for a free row
+    for q, want, req, got in zip(QUESTIONS, expected, reqs, pieces):
+        assert req.text == want, q
+        assert "".join(got) == req.text and "\ufffd" not in req.text
+        assert req.finish_reason in ("stop", "length") and req.error is None
+    assert any(r.finish_reason == "length" and r.n_tokens == N_NEW for r in reqs)
+    assert eng.stats()["active"] == 0
+
+
+def test_cancel_frees_the_slot(eng: Engine) -> None:
+    long = [eng.submit(f"Write a long essay about topic number {i}.", max_new_tokens=400) for i in range(4)]
+    it = iter(long[0])
+    first = next(it)  # admitted and streaming
+    long[0].cancel()
+    rest = list(it)
+    assert long[0].finish_reason == "cancelled" and long[0].n_tokens < 400
+    assert long[0].text == first + "".join(rest)
+    late = eng.submit(messages=_chat(QUESTIONS[0]), max_new_tokens=N_NEW)  # needs the freed row: all others still run
+    assert late.wait(timeout=120) and late.text == _alone(eng, QUESTIONS[0])
+    assert not any(r.done for r in long[1:])
+    for r in long[1:]:
+        r.cancel()
+    assert all(r.wait(timeout=60) and r.finish_reason == "cancelled" for r in long[1:])
+    assert eng.stats() == {"active": 0, "waiting": 0, "max_batch": 4}
+
+
+def test_invalid_requests_fail_without_disturbing_others(eng: Engine) -> None:
+    running = eng.submit(messages=_chat(QUESTIONS[1]), max_new_tokens=N_NEW)
+    bad = [
+        (dict(prompt=""), PromptError, "empty prompt"),
+        (dict(prompt=None), PromptError, "exactly one"),
+        (dict(prompt="x", messages=_chat("y")), PromptError, "exactly one"),
+        (dict(messages=[{"role": "user"}]), PromptError, "messages must be"),
+        (dict(prompt="hello " * 600), PromptError, "context of 512"),
+        (dict(prompt="hi", temperature=-1.0), GenerationConfigError, "temperature"),
+        (dict(prompt="hi", top_p=0.0), GenerationConfigError, "top_p"),
+        (dict(prompt="hi", max_new_tokens=0), GenerationConfigError, "max_new_tokens"),
+        (dict(prompt="hi", temperature="hot"), GenerationConfigError, "temperature must be a number"),
+        (dict(prompt="hi", stop=[""]), GenerationConfigError, "stop_strings"),
+    ]
+    for kwargs, exc, msg in bad:
+        prompt = kwargs.pop("prompt", None)
+        with pytest.raises(exc, match=msg):
+            eng.submit(prompt, **kwargs)
+    assert running.wait(timeout=120) and running.error is None
+    assert running.text == _alone(eng, QUESTIONS[1])
+
+
+def test_stop_strings_and_length(eng: Engine) -> None:
+    full = eng.generate(_chat(QUESTIONS[0]), max_new_tokens=N_NEW)
+    words = full.split()
+    assert len(words) > 4
+    stop = " " + words[3]
+    req = eng.submit(messages=_chat(QUESTIONS[0]), max_new_tokens=N_NEW, stop=["never-appears", stop])
+    text = "".join(req)
+    assert req.finish_reason == "stop" and stop not in text
+    assert text == full[: full.index(stop)]
+    short = eng.submit(messages=_chat(QUESTIONS[0]), max_new_tokens=3)
+    assert "".join(short) and short.finish_reason == "length" and short.n_tokens == 3
+
+
+def test_seeded_sampling_is_reproducible_under_concurrency(eng: Engine) -> None:
+    kw = dict(messages=_chat("Name a colour."), max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50)
+    alone = eng.generate(seed=7, **kw)
+    texts = _concurrently(lambda i: eng.generate(seed=7 if i % 2 == 0 else 1000 + i, **kw), 4)
+    assert texts[0] == texts[2] == alone
+    assert len({alone, texts[1], texts[3]}) > 1  # other seeds give other samples
