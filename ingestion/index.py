@@ -495,6 +495,11 @@ class IndexReader:
         snap = self._snapshot()
         return snap.count if snap else 0
 
+    def ids(self) -> np.ndarray:
+        """Live ids of the published version, ascending (for consistency checks against the database)."""
+        snap = self._snapshot()
+        return snap.sorted_ids.copy() if snap else np.zeros(0, dtype=np.int64)
+
     def dense(self, query_vec: np.ndarray, k: int, allowed_ids: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Top-k ids by inner product with ``query_vec`` (a unit vector), restricted to ``allowed_ids``."""
         snap = self._snapshot()

@@ -71,6 +71,7 @@ def test_upsert_delete_replace_match_brute_force(tmp_path: Path, kind: str) -> N
         assert w.publish() == 2
     r = IndexReader(tmp_path)
     assert (r.version, r.count) == (2, len(truth))
+    np.testing.assert_array_equal(r.ids(), sorted(truth))
     queries = unit(rng, 25)
     rec = []
     for q in queries:
