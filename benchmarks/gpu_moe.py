@@ -6,7 +6,8 @@ times greedy decode steps at each batch size, for:
 * ours_eager_sorted  - modelcore's default dispatch (sort tokens by expert, one matmul chain per hit expert)
 * ours_eager_grouped - modelcore with packed experts and torch's grouped GEMM (no host synchronisation)
 * ours_graph_grouped - the same decode step captured once in a CUDA graph and replayed
-* ours_compiled_graph_grouped - the step body through torch.compile (Inductor fuses the small ops), then captured
+* ours_graph_gemv    - as ours_graph_grouped, but few-token steps use the Triton GEMV kernels (modelcore/moe_kernels.py)
+* ours_compiled_graph_{grouped,gemv} - each Block through torch.compile (Inductor fuses the small ops), then captured
 * hf_default         - transformers' DeepseekV2ForCausalLM with its default attention/experts implementation
 
 Before timing it checks the grouped dispatch against the sorted one and the graph replay against the eager step.
@@ -146,14 +147,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def use_grouped(model: Transformer, on: bool) -> None:
-    """Switch every MoE between the grouped-GEMM path (packed experts) and the sorted per-expert dispatch."""
+def use_dispatch(model: Transformer, mode: str) -> None:
+    """Every MoE on one path: "sorted" (per-expert loop), "grouped" (grouped GEMM), "gemv" (Triton GEMV for few tokens)."""
     for m in model.modules():
         if isinstance(m, MoE):
             if not hasattr(m, "_pack_store"):
                 assert m.pack(), "experts are not plain Linears"
                 m._pack_store = m.packed
-            m.packed = m._pack_store if on else None
+            m.packed = None if mode == "sorted" else m._pack_store
+            m.gemv_max_pairs = 16 if mode == "gemv" else 0
 
 
 def time_ours(model: Transformer, *, batch: int, prompt: int, new: int, graph: bool, seed: int,
@@ -196,15 +198,21 @@ def check_ours(model: Transformer, device: torch.device) -> dict[str, float]:
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     x = torch.randn(1, 32, model.args.dim, device=device, dtype=model.dtype,
                     generator=torch.Generator(device=device).manual_seed(3))
-    use_grouped(model, True)
+    use_dispatch(model, "grouped")
     with torch.no_grad():
         grouped = moe(x) if moe._grouped_ok(x.view(-1, x.shape[-1])) else None
-        use_grouped(model, False)
+        use_dispatch(model, "sorted")
         sorted_ = moe(x)
+        small = x[:, :2]  # 2 tokens x 6 experts = 12 pairs: the Triton GEMV path
+        sorted_small = moe(small)
+        use_dispatch(model, "gemv")
+        gemv_small = moe(small) if moe.gemv is not None else None
     if grouped is not None:
         out["grouped_vs_sorted_rel_err"] = rel_err(grouped, sorted_)
+    if gemv_small is not None:
+        out["gemv_vs_sorted_rel_err"] = rel_err(gemv_small, sorted_small)
     if device.type == "cuda":
-        use_grouped(model, True)
+        use_dispatch(model, "grouped")
         ids = torch.randint(0, model.args.vocab_size, (4, 16), device=device)
         dec = Decoder(model, 4, 40)
         dec.prefill(ids)
@@ -220,6 +228,29 @@ def check_ours(model: Transformer, device: torch.device) -> dict[str, float]:
         out["graph_vs_eager_rel_err"] = rel_err(replay, eager)
         out["graph_logits_abs_max"] = float(replay.float().abs().max())
     return out
+
+
+def profile_step(model: Transformer, *, batch: int, prompt: int, out: Path) -> None:
+    """Kernel time table of 5 compiled decode steps (no graph, so each kernel is visible)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    use_dispatch(model, "gemv")
+    ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=model.device)
+    dec = Decoder(model, batch, prompt + 40, compiled=True)
+    dec.prefill(ids)
+    for _ in range(4):
+        dec.step()
+    sync(model.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            dec.step()
+        sync(model.device)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time for e in events) if events and hasattr(events[0], "device_time") else float("nan")
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    text = f"kernels per step {len(events) / 5:.0f}, kernel time per step {total_us / 5 / 1000:.3f} ms\n{table}"
+    out.write_text(text)
+    print(text, flush=True)
 
 
 def time_hf(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batches: list[int], prompt: int, new: int,
@@ -268,6 +299,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variant")
+    ap.add_argument("--profile", action="store_true", help="only profile the compiled batch-1 decode step (kernel table)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu_moe.json"))
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -287,12 +319,16 @@ def main() -> None:
     result["cache_values_per_token_per_layer"] = cache[0].kv.shape[-1]
     print(f"params {result['params'] / 1e9:.2f}B, built in {result['build_seconds_ours']:.1f}s, "
           f"cache {result['cache_values_per_token_per_layer']} values/token/layer", flush=True)
-    variants = [("ours_eager_sorted", False, False, False), ("ours_eager_grouped", True, False, False),
-                ("ours_graph_grouped", True, True, False), ("ours_compiled_graph_grouped", True, True, True)]
+    variants = [("ours_eager_sorted", "sorted", False, False), ("ours_eager_grouped", "grouped", False, False),
+                ("ours_graph_grouped", "grouped", True, False), ("ours_graph_gemv", "gemv", True, False),
+                ("ours_compiled_graph_grouped", "grouped", True, True), ("ours_compiled_graph_gemv", "gemv", True, True)]
     if device.type != "cuda":
         variants = variants[:1]
     if a.skip_compile:
         variants = [v for v in variants if not v[3]]
+    if a.profile:
+        profile_step(model, batch=a.batches[0], prompt=a.prompt, out=Path(a.out).with_suffix(".profile.txt"))
+        return
     result["checks"] = check_ours(model, device)
     print("checks", result["checks"], flush=True)
     out = Path(a.out)
@@ -301,14 +337,14 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(result, indent=2, default=str))
 
-    for name, packed, graph, compiled in variants:
+    for name, mode, graph, compiled in variants:
         if compiled and not a.skip_hf and "hf_default" not in result:  # transformers first: compiling may run long
             result["hf_default"] = time_hf(cfg, device=device, dtype=dtype, batches=a.batches, prompt=a.prompt, new=a.new,
                                            seed=1)
             gc.collect()
             torch.cuda.empty_cache()
             save()
-        use_grouped(model, packed)
+        use_dispatch(model, mode)
         runs = []
         for batch in a.batches:
             try:

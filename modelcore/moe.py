@@ -9,10 +9,13 @@ Routing (`Gate`):
 Dispatch (`MoE.forward`) runs only experts that received tokens: tokens are sorted by expert, gathered with
 index_select, pushed through each hit expert as one matmul, weighted and index_add-ed back. `MoE.forward_loop`
 is the naive per-token twin it is tested against. `MoE.pack()` additionally stacks the experts' weights (the
-Linear weights become views into the stacks, so no extra memory) for the grouped-GEMM path on CUDA, which has
-no host synchronisation and can be captured in a CUDA graph.
+Linear weights become views into the stacks, so no extra memory) for two CUDA paths without host
+synchronisation (CUDA-graph friendly): torch's grouped GEMM, and for a few tokens (decode) the Triton GEMV
+kernels of modelcore/moe_kernels.py.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +92,18 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([Expert(args.dim, inter) for _ in range(self.n_experts)])
         self.shared_experts = Expert(args.dim, inter * args.n_shared_experts) if args.n_shared_experts else None
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13 (E, 2I, D), w2 (E, D, I)) after pack()
+        self.gemv: Callable | None = None  # Triton small-batch kernel (modelcore.moe_kernels), set by pack() on CUDA
+        self.gemv_max_pairs = 16  # use it while tokens * top_k <= this; grouped GEMM above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.dim)  # (N, D)
         weights, idx = self.gate(flat)
         if self._grouped_ok(flat):
-            routed = self._dispatch_grouped(flat, weights, idx)
+            if self.gemv is not None and idx.numel() <= self.gemv_max_pairs:
+                routed = self.gemv(flat, idx, weights, *self.packed)
+            else:
+                routed = self._dispatch_grouped(flat, weights, idx)
         else:
             routed = self._dispatch_sorted(flat, weights, idx)
         if self.shared_experts is not None:
@@ -149,6 +157,7 @@ class MoE(nn.Module):
             e.up_proj.weight = nn.Parameter(w13[j, inter:], requires_grad=False)
             e.down_proj.weight = nn.Parameter(w2[j], requires_grad=False)
         self.packed = (w13, w2)
+        self.gemv = _load_gemv() if w13.is_cuda else None
         return True
 
     def _grouped_ok(self, flat: torch.Tensor) -> bool:
@@ -171,6 +180,15 @@ class MoE(nn.Module):
         y = gmm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # (N*k, D)
         y = y * weights.reshape(-1).index_select(0, order)[:, None].to(y.dtype)
         return torch.zeros_like(flat).index_add_(0, token_of, y)
+
+
+def _load_gemv() -> Callable | None:
+    """modelcore.moe_kernels.moe_gemv when Triton is installed, else None."""
+    try:
+        from modelcore.moe_kernels import moe_gemv
+    except ImportError:
+        return None
+    return moe_gemv
 
 
 def _grouped_mm():
