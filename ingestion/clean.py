@@ -80,12 +80,32 @@ def _running_indexes(elements: list[Element]) -> set[int]:
     return {i for key, pages in pages_with.items() if len(pages) >= threshold for i in candidates[key]}
 
 
+_SENTENCE_END = tuple(".!?。！？；:：\"”’)）")
+
+
+def _continues(prev: Element, el: Element) -> bool:
+    """A paragraph cut by a page break: same text type, next page, no sentence end, lower-case/CJK start."""
+    if prev.type != el.type or el.type not in ("NarrativeText", "UncategorizedText") or el.page != prev.page + 1:
+        return False
+    if prev.text.rstrip().endswith(_SENTENCE_END):
+        return False
+    first = el.text.lstrip()[:1]
+    return bool(first) and (first.islower() or "\u3400" <= first <= "\u9fff")
+
+
 def clean_elements(elements: Iterable[Element], *, boilerplate: set[str] | frozenset[str] = frozenset()) -> list[Element]:
     """Return cleaned copies; drops headers/footers, page numbers, boilerplate, empty and duplicate paragraphs."""
     items = [el for el in elements if el.type not in DROP_TYPES and el.text.strip()]
     running = _running_indexes(items)
     seen: set[str] = set()
     out: list[Element] = []
+    out_src: list[int] = []  # index in `items` of each kept element
+    first_page_index: dict[int, int] = {}
+    last_page_index: dict[int, int] = {}
+    for i, el in enumerate(items):
+        if i not in running:
+            first_page_index.setdefault(el.page, i)
+            last_page_index[el.page] = i
     for i, el in enumerate(items):
         if i in running or _PAGE_NO.match(el.text):
             continue
@@ -99,5 +119,11 @@ def clean_elements(elements: Iterable[Element], *, boilerplate: set[str] | froze
             if fp in seen:
                 continue
             seen.add(fp)
+        prev = out[-1] if out else None
+        if prev is not None and last_page_index.get(prev.page) == out_src[-1] and first_page_index.get(el.page) == i and _continues(prev, Element(text=text, type=el.type, page=el.page)):
+            joiner = "" if "\u3400" <= text[:1] <= "\u9fff" else " "
+            prev.text = prev.text + joiner + text  # keeps the page where the paragraph starts
+            continue
         out.append(Element(text=text, type=el.type, page=el.page, level=el.level, html=el.html))
+        out_src.append(i)
     return out

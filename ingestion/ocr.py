@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytesseract
 from PIL import Image
 
-OCR_LANGS = "eng+chi_sim"
+os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # one Tesseract thread per worker: no oversubscription
+
+OCR_LANGS = "chi_sim+eng"  # Chinese first: with eng first, Tesseract reads Chinese lines as Latin noise
 OCR_DPI = 200
 OCR_TIMEOUT_S = 120
 MAX_IMAGE_PIXELS = 80_000_000  # refuse decompression-bomb images before decoding

@@ -78,12 +78,11 @@ def _page_lines(textpage: pdfium.PdfTextPage) -> list[_Line]:
         if not clean:
             continue
         k = start + (len(raw) - len(raw.lstrip()))
-        try:
-            left, bottom, right, top = textpage.get_charbox(k)
-        except Exception:  # generated characters have no box
-            left = bottom = right = top = 0.0
         size = float(pdfium_c.FPDFText_GetFontSize(textpage.raw, k))
-        lines.append(_Line(clean, top, bottom, round(size * 2) / 2, _is_bold(textpage, k)))
+        x, y = ctypes.c_double(), ctypes.c_double()
+        pdfium_c.FPDFText_GetCharOrigin(textpage.raw, k, ctypes.byref(x), ctypes.byref(y))
+        base = y.value  # baseline: steadier than glyph boxes, which vary with the glyph
+        lines.append(_Line(clean, base + 0.8 * size, base - 0.2 * size, round(size * 2) / 2, _is_bold(textpage, k)))
     return lines
 
 
@@ -93,9 +92,9 @@ def _blocks(lines: list[_Line]) -> list[list[_Line]]:
     for line in lines:
         if blocks:
             prev = blocks[-1][-1]
-            gap = prev.bottom - line.top  # PDF y grows upwards
+            spacing = (prev.bottom - line.bottom)  # baseline to baseline; PDF y grows upwards
             same_style = abs(prev.size - line.size) <= 0.5 and prev.bold == line.bold
-            if same_style and -0.5 * line.size <= gap <= 0.9 * max(line.size, 1.0):
+            if same_style and -0.3 * line.size <= spacing <= 1.6 * max(line.size, 1.0):
                 blocks[-1].append(line)
                 continue
         blocks.append([line])

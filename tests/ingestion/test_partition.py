@@ -183,3 +183,42 @@ def test_long_pdf_page_limit(corpus: Path) -> None:
 
     with pytest.raises(PartitionError, match=r"PDF has 619 pages; the limit is 100"):
         partition_file(corpus / "long" / "DA-619p.pdf", max_pages=100)
+
+
+def test_scanned_pdf_page_is_ocred(tmp_path: Path) -> None:
+    """A PDF page that is only an image goes through Tesseract and keeps its page number."""
+    from PIL import Image, ImageDraw, ImageFont
+    from reportlab.pdfgen import canvas
+
+    font = ImageFont.truetype("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", 40)
+    scan = Image.new("L", (1400, 400), 255)
+    draw = ImageDraw.Draw(scan)
+    draw.text((40, 60), "Quarterly revenue increased to 81 billion", font=font, fill=0)
+    draw.text((40, 200), "公司营业收入同比增长百分之十二。", font=font, fill=0)
+    png = tmp_path / "scan.png"
+    scan.save(png)
+    path = tmp_path / "scanned.pdf"
+    pdf = canvas.Canvas(str(path), pagesize=(700, 500))
+    pdf.drawString(72, 400, "Cover page with a real text layer.")
+    pdf.showPage()
+    pdf.drawImage(str(png), 0, 200, width=700, height=200)
+    pdf.showPage()
+    pdf.save()
+    elements, info = partition_file(path)
+    assert info["ocr_pages"] == [2]
+    page2 = " ".join(e.text for e in elements if e.page == 2)
+    assert "revenue increased" in page2.lower()
+    assert "营业收入" in page2
+
+
+def test_chinese_image_ocr(corpus: Path) -> None:
+    elements, info = partition_file(corpus / "multilingual" / "chi_sim_image.jpeg")
+    text = "".join(e.text for e in elements)
+    assert info["ocr_pages"] == [1]
+    assert "适用人群" in text and "肌肤" in text
+    assert " 肌" not in text  # no spaces left between Chinese characters
+
+
+def test_pdf_with_ocr_text_layer(corpus: Path) -> None:
+    elements, _ = partition_file(corpus / "formats" / "pdf-with-ocr-text.pdf")
+    assert sum(len(e.text) for e in elements) > 200

@@ -1,0 +1,192 @@
+"""Chunking to the embedding tokenizer's budget: sections, overlap, tables, Chinese sentences."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ingestion.chunk import chunk_elements, split_sentences
+from ingestion.clean import clean_elements, clean_text
+from ingestion.elements import Element
+from ingestion.partition import partition_file
+
+Count = Callable[[str], int]
+_END = "。！？；"
+
+
+def test_apple_chunks_respect_budget_and_keep_everything(corpus: Path, count_tokens: Count) -> None:
+    cleaned = clean_elements(partition_file(corpus / "financial" / "APPLE_2023Q3_10Q.pdf")[0])
+    chunks = chunk_elements(cleaned, count_tokens=count_tokens, max_tokens=256, overlap_tokens=32)
+    assert len(chunks) > 30
+    for c in chunks:
+        assert 0 < c.token_count <= 256 and c.token_count == count_tokens(c.text)
+        assert 1 <= c.page_start <= c.page_end <= 29
+        assert c.element_types and c.heading_path
+    joined = "\n".join(c.text for c in chunks)
+    for el in cleaned:
+        if el.type == "Table":
+            continue
+        for sentence in split_sentences(el.text):
+            if count_tokens(sentence) <= 256:
+                assert sentence in joined, sentence
+    # chunk pages agree with the pages of the elements they contain
+    first_statement = next(c for c in chunks if "Total net sales 81,797" in c.text)
+    assert first_statement.page_start == 4
+
+
+def test_overlap_repeats_whole_sentences(count_tokens: Count) -> None:
+    sentences = [f"Revenue in region {i} grew by {i + 3} percent on higher volumes." for i in range(40)]
+    elements = [Element(text="Regional results", type="Title", page=1, level=0),
+                Element(text=" ".join(sentences), type="NarrativeText", page=1)]
+    chunks = chunk_elements(elements, count_tokens=count_tokens, max_tokens=64, overlap_tokens=24)
+    assert len(chunks) > 5
+    for prev, nxt in zip(chunks, chunks[1:]):
+        carried = split_sentences(nxt.text.splitlines()[0])[0]
+        assert carried in prev.text  # the next chunk starts with the previous one's last sentence(s)
+        assert count_tokens(carried) <= 24
+    no_overlap = chunk_elements(elements, count_tokens=count_tokens, max_tokens=64, overlap_tokens=0)
+    assert sum(len(split_sentences(ln)) for c in no_overlap for ln in c.text.splitlines()) == 41  # title + 40, each once
+
+
+def test_sections_give_heading_paths(count_tokens: Count) -> None:
+    elements = [
+        Element(text="Part I", type="Title", page=1, level=0),
+        Element(text="Item 2. Management's Discussion", type="Title", page=1, level=1),
+        Element(text="Sales grew strongly this quarter.", type="NarrativeText", page=1),
+        Element(text="Liquidity", type="Title", page=2, level=2),
+        Element(text="Cash was ample at quarter end.", type="NarrativeText", page=2),
+        Element(text="Item 3. Market Risk", type="Title", page=3, level=1),
+        Element(text="Rates rose.", type="NarrativeText", page=3),
+    ]
+    chunks = chunk_elements(elements, count_tokens=count_tokens)
+    paths = {c.text.splitlines()[-1]: c.heading_path for c in chunks}
+    assert paths["Sales grew strongly this quarter."] == ["Part I", "Item 2. Management's Discussion"]
+    assert paths["Cash was ample at quarter end."] == ["Part I", "Item 2. Management's Discussion", "Liquidity"]
+    assert paths["Rates rose."] == ["Part I", "Item 3. Market Risk"]
+    assert all(c.page_start == c.page_end for c in chunks)
+
+
+def _table(rows: int) -> Element:
+    body = "".join(f"<tr><td>Segment {i}</td><td>{1000 + i:,}</td><td>{i % 7}.{i % 10}%</td></tr>" for i in range(rows))
+    html = f"<table><tr><th>Segment</th><th>Revenue</th><th>Growth</th></tr>{body}</table>"
+    text = "Segment Revenue Growth\n" + "\n".join(f"Segment {i} {1000 + i:,} {i % 7}.{i % 10}%" for i in range(rows))
+    return Element(text=text, type="Table", page=5, html=html)
+
+
+def test_small_table_stays_whole(count_tokens: Count) -> None:
+    elements = [Element(text="Some intro text before the table.", type="NarrativeText", page=5), _table(5)]
+    chunks = chunk_elements(elements, count_tokens=count_tokens, max_tokens=256)
+    holders = [c for c in chunks if "Segment 0 | 1,000" in c.text]
+    assert len(holders) == 1 and all(f"Segment {i} |" in holders[0].text for i in range(5))
+
+
+def test_large_table_split_repeats_header(count_tokens: Count) -> None:
+    chunks = chunk_elements([_table(120)], count_tokens=count_tokens, max_tokens=128, overlap_tokens=16)
+    assert len(chunks) > 3
+    for c in chunks:
+        assert c.text.splitlines()[0] == "Segment | Revenue | Growth"
+        assert c.token_count <= 128 and c.element_types == ["Table"]
+    rows = [ln for c in chunks for ln in c.text.splitlines()[1:]]
+    assert rows == [f"Segment {i} | {1000 + i:,} | {i % 7}.{i % 10}%" for i in range(120)]  # each row once, in order
+
+
+def test_docx_tables_chunked_whole(corpus: Path, count_tokens: Count) -> None:
+    cleaned = clean_elements(partition_file(corpus / "formats" / "docx-tables.docx")[0])
+    tables = [e for e in cleaned if e.type == "Table"]
+    chunks = chunk_elements(cleaned, count_tokens=count_tokens)
+    for t in tables:
+        first_row = t.html and re.search(r"<td>(.*?)</td>", t.html).group(1)
+        assert first_row and sum(first_row in c.text for c in chunks) >= 1
+
+
+def _chinese_passages(cmrc_passages: list[str], n: int, count_tokens: Count) -> list[str]:
+    """Passages whose every sentence fits one chunk, so every chunk must end on 。！？；."""
+    picked = []
+    for p in cmrc_passages:
+        sents = split_sentences(p)
+        if len(p) > 300 and p[-1] in _END and all(count_tokens(s) <= 70 for s in sents) and not re.search(r"[A-Za-z]{3}|[\uac00-\ud7af\u3040-\u30ff]", p):
+            picked.append(p)
+        if len(picked) == n:
+            break
+    assert len(picked) == n
+    return picked
+
+
+def _assert_chinese_chunks(chunks, passages: list[str], count_tokens: Count, max_tokens: int, *, title: str = "") -> None:
+    squashed = [re.sub(r"\s+", "", clean_text(p)) for p in passages]
+    boundaries = []  # sentence boundaries (offsets) of each passage
+    for p in squashed:
+        offs, pos = {0}, 0
+        for s in split_sentences(p):
+            pos = p.index(s, pos) + len(s)
+            offs.add(pos)
+        boundaries.append(offs)
+    assert len(chunks) > len(passages)
+    for c in chunks:
+        assert c.token_count <= max_tokens and "\ufffd" not in c.text
+        for piece in c.text.split("\n"):
+            piece = re.sub(r"\s+", "", piece)
+            if piece == title:
+                continue
+            homes = [(i, p.find(piece)) for i, p in enumerate(squashed) if piece in p]
+            assert homes, f"chunk text not found in any passage: {piece[:40]}"
+            assert any(start in boundaries[i] and start + len(piece) in boundaries[i] for i, start in homes), (
+                f"chunk piece does not start and end on sentence boundaries: {piece[:30]}...{piece[-30:]}")
+    covered = "".join(re.sub(r"\s+", "", c.text) for c in chunks)
+    for p in squashed:
+        for s in split_sentences(p):
+            assert s in covered
+
+
+def test_chinese_docx_chunks_on_sentence_punctuation(tmp_path: Path, cmrc_passages: list[str], count_tokens: Count) -> None:
+    import docx
+
+    passages = _chinese_passages(cmrc_passages, 6, count_tokens)
+    document = docx.Document()
+    document.add_heading("中文测试文档", level=1)
+    for p in passages:
+        document.add_paragraph(p)
+    path = tmp_path / "chinese.docx"
+    document.save(path)
+    elements, _ = partition_file(path)
+    chunks = chunk_elements(clean_elements(elements), count_tokens=count_tokens, max_tokens=96, overlap_tokens=24)
+    body = [c for c in chunks if c.text != "中文测试文档"]
+    assert all(c.heading_path == ["中文测试文档"] for c in body)
+    _assert_chinese_chunks(body, passages, count_tokens, 96, title="中文测试文档")
+
+
+def test_chinese_pdf_chunks_on_sentence_punctuation(tmp_path: Path, cmrc_passages: list[str], count_tokens: Count) -> None:
+    """reportlab cannot embed Noto CJK (CFF outlines), so the PDF uses its built-in STSong CID font."""
+    from reportlab.lib.styles import ParagraphStyle
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+    from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer
+
+    pdfmetrics.registerFont(UnicodeCIDFont("STSong-Light"))
+    style = ParagraphStyle("zh", fontName="STSong-Light", fontSize=11, leading=16, wordWrap="CJK")
+    passages = _chinese_passages(cmrc_passages, 5, count_tokens)
+    path = tmp_path / "chinese.pdf"
+    story = []
+    for p in passages:
+        story += [Paragraph(p, style), Spacer(1, 18)]
+    SimpleDocTemplate(str(path)).build(story)
+    elements, info = partition_file(path)
+    assert info["ocr_pages"] == []
+    chunks = chunk_elements(clean_elements(elements), count_tokens=count_tokens, max_tokens=96, overlap_tokens=24)
+    _assert_chinese_chunks(chunks, passages, count_tokens, 96)
+
+
+def test_overlong_chinese_sentence_split_on_clauses(count_tokens: Count) -> None:
+    sentence = "，".join(f"第{i}个分部的收入增长较快" for i in range(60)) + "。"
+    chunks = chunk_elements([Element(text=sentence, type="NarrativeText", page=1)], count_tokens=count_tokens, max_tokens=64, overlap_tokens=0)
+    assert len(chunks) > 2
+    assert "".join(c.text for c in chunks) == sentence
+    assert all(c.text.endswith(("，", "。")) and c.token_count <= 64 for c in chunks)
+
+
+def test_bad_budget_rejected(count_tokens: Count) -> None:
+    with pytest.raises(ValueError, match="overlap_tokens < max_tokens"):
+        chunk_elements([], count_tokens=count_tokens, max_tokens=32, overlap_tokens=32)
