@@ -133,6 +133,7 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 KD_EMBED_MODEL = os.environ.get("KD_EMBED_MODEL", "")
 KD_GENERATOR_MODEL = os.environ.get("KD_GENERATOR_MODEL", "")
 KD_GENERATOR_QUANTIZATION = os.environ.get("KD_GENERATOR_QUANTIZATION", "") or None
+KD_ANSWER_WITH_MODEL = env_bool("KD_ANSWER_WITH_MODEL", True)  # off: answers quote the sources, no generation
 
 # Celery
 REDIS_URL = os.environ.get("REDIS_URL", "")

@@ -30,7 +30,7 @@ def engine_for(*, purpose: str):
 
     ``settings.KD_ANSWER_WITH_MODEL = False`` switches generation off: answers then quote the sources.
     """
-    if not getattr(settings, "KD_ANSWER_WITH_MODEL", True):
+    if not settings.KD_ANSWER_WITH_MODEL:
         return None
     profile = profile_for(purpose=purpose)
     path = (profile.checkpoint_path if profile else "") or settings.KD_GENERATOR_MODEL or None
