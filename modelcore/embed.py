@@ -191,8 +191,8 @@ def load_decoder_embedder(path: Path, *, quantize: str | None = None, max_tokens
     from modelcore.tokenizer import AutoTokenizer
 
     model = AutoModel.from_pretrained(str(path), quantization=quantize)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    raw = getattr(tok, "tokenizer", None) or getattr(tok, "_tokenizer", None)
+    tok = model.tokenizer or AutoTokenizer.from_pretrained(str(path))
+    raw = getattr(tok, "backend", None)
     if not isinstance(raw, Tokenizer):
         raise TypeError(f"tokenizer of {path} does not expose a `tokenizers.Tokenizer`; cannot embed with it")
     raw = Tokenizer.from_str(raw.to_str())

@@ -16,6 +16,15 @@ from modelcore.defaults import ENCODER, DefaultModelMissing, _Default, _package_
 from modelcore.embed import load_embedder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core box, two OpenMP threads spin-wait and run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def emb():
     return load_embedder()
@@ -118,3 +127,22 @@ def test_default_locations_and_env_override(tmp_path: Path) -> None:
     code = "from modelcore.embed import load_embedder; load_embedder()"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "KD_EMBED_MODEL" in r.stderr and "does not exist" in r.stderr
+
+
+def test_decoder_embedder_mean_pools_generator_hidden_states() -> None:
+    """load_embedder(<SmolLM2 gguf>): mean-pooled final hidden states, equal to pooling an unpadded forward by hand."""
+    from modelcore.defaults import default_generator_path
+
+    dec = load_embedder(default_generator_path())
+    assert dec.dim == dec.model.args.dim == 576 and dec.max_tokens == 512 and isinstance(dec.tokenizer, Tokenizer)
+    texts = ["Revenue grew 12% to $4.2bn in the quarter.", "Sales rose strongly.", "我喜欢在公园里散步。", "Net income"]
+    vecs = dec.embed(texts, batch_size=4)
+    assert vecs.shape == (4, 576) and vecs.dtype == np.float32
+    for text, vec in zip(texts, vecs):
+        ids = torch.tensor([dec.tokenizer.encode(text, add_special_tokens=False).ids])
+        with torch.inference_mode():
+            h = dec.model.hidden_states(ids)[0].mean(0)  # (D,) naive twin: no padding, no batching
+        np.testing.assert_allclose(vec, (h / h.norm()).numpy(), atol=1e-5)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+    with pytest.raises(ValueError, match="quantize= applies to decoder"):
+        load_embedder(default_encoder_path(), quantize="int8")
