@@ -261,9 +261,24 @@ def save_pretrained(*, model, path: str | Path, tokenizer: Any = None) -> None:
 
 
 def _dequantized(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-    """Float weight of a quantized module (one exposing dequantize() or dequantized_weight(dtype)), else None."""
+    """Float weight of a quantized stand-in for nn.Linear / nn.Embedding, or None for float modules.
+
+    Uses the module's own dequantize() when it has one; otherwise reads the weight out of the module's forward
+    (identity input for a linear, every id for an embedding), so any quantized layout is saved as it computes.
+    """
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        return None
     if callable(getattr(module, "dequantize", None)):
         return module.dequantize().to(dtype)
-    if callable(getattr(module, "dequantized_weight", None)):
-        return module.dequantized_weight(dtype)
+    with torch.no_grad():
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):
+            device = next(iter(module.buffers())).device
+            eye = torch.eye(module.in_features, dtype=dtype, device=device)
+            w_t = module(eye)  # (K, N) = W^T + b
+            if getattr(module, "bias", None) is not None:
+                w_t = w_t - module.bias.to(w_t.dtype)
+            return w_t.t().to(dtype)
+        if hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"):
+            device = next(iter(module.buffers())).device
+            return module(torch.arange(module.num_embeddings, device=device)).to(dtype)
     return None

@@ -124,3 +124,74 @@ def test_bfloat16_checkpoint_keeps_its_dtype_unless_asked(tmp_path, make_hf_mode
         ref = hf.float()(ids).logits
         assert_close(as_f32(ids).logits, ref, atol=ATOL, rtol=0)
         assert_close(ours(ids).logits.float(), ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("scaling, seq_len", [
+    ({"rope_type": "linear", "factor": 4.0}, None),
+    ({"rope_type": "dynamic", "factor": 2.0}, 200),
+    ({"rope_type": "dynamic", "factor": 2.0}, 900),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, None),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, None),
+    ({"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+      "mscale": 1.0, "mscale_all_dim": 0.707}, None),
+    ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "attention_factor": 1.3,
+      "truncate": False}, None),
+])
+def test_rope_scaling_matches_transformers(scaling, seq_len):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from modelcore.rope import RotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=512,
+                      rope_parameters={"rope_theta": 50000.0, **scaling})
+    ref_inv, ref_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, torch.device("cpu"), seq_len)
+    rope = RotaryEmbedding(64, 50000.0, 512, scaling)
+    positions = torch.arange(seq_len or 16)[None]
+    assert_close(rope._inv_freq_for(positions), ref_inv.float(), atol=1e-7, rtol=1e-5)
+    assert rope.attention_factor == pytest.approx(ref_factor)
+    cos, sin = rope(positions, torch.float32)
+    assert cos.shape == (1, positions.shape[1], 64)
+    assert_close(cos[0, -1, :32], torch.cos(positions[0, -1] * ref_inv.float()) * ref_factor, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_saves_float_weights_that_transformers_loads(mode, tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoints["qwen2"]
+    quantized = AutoModel.from_pretrained(path, device_map="cpu", quantization=mode)
+    float_model = AutoModel.from_pretrained(path, device_map="cpu")
+    assert quantized.quantization["mode"] == mode
+    quantized.save_pretrained(tmp_path)
+    assert (tmp_path / "modelcore_quantization.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    again = AutoModel.from_pretrained(tmp_path, device_map="cpu")  # re-quantized from the stored setting
+    assert again.quantization == quantized.quantization
+    ids, mask = padded_batch(seed=4)
+    real = mask.bool()
+    with torch.no_grad():
+        q = quantized(ids, attention_mask=mask).logits[real]
+        f = float_model(ids, attention_mask=mask).logits[real]
+        hf = back(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits[real]
+        re = again(ids, attention_mask=mask).logits[real]
+    gap = (q - f).abs().max()
+    assert gap > 1e-3  # quantization really changed the weights
+    assert (hf - q).abs().max() < 0.02 and (re - q).abs().max() < 0.02  # the saved floats are the quantized weights
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tiny_checkpoints, tmp_path, make_hf_model):
+    make_hf_model("llama").save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    sharded = AutoModel.from_pretrained(tmp_path, device_map="cpu")
+    single = AutoModel.from_pretrained(tiny_checkpoints["llama"], device_map="cpu")
+    ids, mask = padded_batch(seed=5)
+    with torch.no_grad():
+        assert torch.equal(sharded(ids, attention_mask=mask).logits, single(ids, attention_mask=mask).logits)
+    next(tmp_path.glob("model-*.safetensors")).unlink()
+    from modelcore.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="missing"):
+        AutoModel.from_pretrained(tmp_path, device_map="cpu")
