@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from modelcore.bench import main as bench_main  # written by the quantization/benchmark helper
 
-        return int(bench_main(argv[1:]) or 0)
+        bench_main(argv[1:])  # prints and saves its own figures
+        return 0
     ns = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "chat": cmd_chat}[ns.command](ns)
