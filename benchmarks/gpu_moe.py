@@ -253,6 +253,46 @@ def profile_step(model: Transformer, *, batch: int, prompt: int, out: Path) -> N
     print(text, flush=True)
 
 
+def tune_gemv(model: Transformer) -> dict[str, Any]:
+    """Time moe_gemv block sizes on one token (routed experts drawn at random per call, so L2 holds no weights)."""
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    use_dispatch(model, "gemv")
+    if moe.gemv is None:
+        return {"error": "Triton GEMV unavailable"}
+    dev, k = model.device, moe.gate.top_k
+    x = torch.randn(1, model.args.dim, device=dev, dtype=model.dtype)
+    w = torch.rand(1, k, device=dev)
+    idxs = [torch.randperm(moe.n_experts, device=dev)[:k][None] for _ in range(16)]
+    table = []
+    for block_n in (8, 16, 32, 64):
+        for block_k in (128, 256, 512):
+            for num_warps in (4, 8):
+                opts = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps}
+                try:
+                    for i in range(3):  # compile this config
+                        moe.gemv(x, idxs[i], w, *moe.packed, **opts)
+                    sync(dev)
+                    graph = torch.cuda.CUDAGraph()  # replayed, so launch overhead stays out of the figure
+                    with torch.cuda.graph(graph):
+                        for i in range(16):
+                            moe.gemv(x, idxs[i], w, *moe.packed, **opts)
+                    graph.replay()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(10):
+                        graph.replay()
+                    end.record()
+                    sync(dev)
+                    table.append({**opts, "us": 1000 * start.elapsed_time(end) / 160})
+                except Exception as exc:  # a config Triton rejects
+                    table.append({**opts, "error": str(exc)[:200]})
+    ok = [r for r in table if "us" in r]
+    best = min(ok, key=lambda r: r["us"])
+    expert_bytes = 3 * moe.packed[1].shape[1] * moe.packed[1].shape[2] * 2 * k
+    print(f"gemv tuning: best {best}, {expert_bytes / best['us'] / 1e3:.0f} GB/s of expert weights", flush=True)
+    return {"best": best, "bytes_per_call": expert_bytes, "table": table}
+
+
 def time_hf(cfg: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batches: list[int], prompt: int, new: int,
             seed: int) -> dict[str, Any]:
     import transformers
@@ -327,6 +367,12 @@ def main() -> None:
     if a.skip_compile:
         variants = [v for v in variants if not v[3]]
     if a.profile:
+        result["gemv_tuning"] = tune_gemv(model)
+        for row in result["gemv_tuning"]["table"]:
+            print(row)
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gemv_options = {key: result["gemv_tuning"]["best"][key] for key in ("block_n", "block_k", "num_warps")}
         profile_step(model, batch=a.batches[0], prompt=a.prompt, out=Path(a.out).with_suffix(".profile.txt"))
         return
     result["checks"] = check_ours(model, device)
@@ -337,6 +383,14 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(result, indent=2, default=str))
 
+    if device.type == "cuda":
+        result["gemv_tuning"] = tune_gemv(model)
+        best = result["gemv_tuning"].get("best")
+        if best:
+            for m in model.modules():
+                if isinstance(m, MoE):
+                    m.gemv_options = {key: best[key] for key in ("block_n", "block_k", "num_warps")}
+        save()
     for name, mode, graph, compiled in variants:
         if compiled and not a.skip_hf and "hf_default" not in result:  # transformers first: compiling may run long
             result["hf_default"] = time_hf(cfg, device=device, dtype=dtype, batches=a.batches, prompt=a.prompt, new=a.new,

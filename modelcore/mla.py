@@ -163,14 +163,22 @@ class MLA(nn.Module):
         return self._attend(q, k, v.contiguous(), mask)
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Absorbed form: attention over the latent itself; kv_b_proj folded into query and output. (B, H, T, dv)."""
+        """Absorbed form: attention over the latent itself; kv_b_proj folded into query and output. (B, H, T, dv).
+
+        All heads share one key/value (the cache entry), so scores are one batched matmul of (H*T) query rows.
+        """
+        b, h, t, _ = q_nope.shape
+        s = entry.shape[2]
         w = self._kv_b_weight().view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]  # (H,dn,r), (H,dv,r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # (B, H, T, r)
-        q = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, T, r + dr): scores = q_lat.latent + q_pe.k_pe
-        k = entry.expand(-1, self.n_heads, -1, -1)  # (B, H, S, r + dr), a view
-        v = k[..., : self.kv_lora_rank]  # (B, H, S, r): the latent is the value
-        o_lat = self._attend(q, k, v, mask)  # (B, H, T, r)
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(b, h * t, -1)  # (B, H*T, r + dr)
+        kv = entry[:, 0]  # (B, S, r + dr)
+        scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.scale  # (B, H*T, S)
+        if mask is not None:
+            scores = scores.view(b, h, t, s).masked_fill(~mask, float("-inf")).view(b, h * t, s)
+        probs = scores.softmax(-1).to(kv.dtype)
+        o_lat = torch.bmm(probs, kv[..., : self.kv_lora_rank]).view(b, h, t, self.kv_lora_rank)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv.to(o_lat.dtype))  # (B, H, T, dv)
 
 

@@ -94,6 +94,7 @@ class MoE(nn.Module):
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13 (E, 2I, D), w2 (E, D, I)) after pack()
         self.gemv: Callable | None = None  # Triton small-batch kernel (modelcore.moe_kernels), set by pack() on CUDA
         self.gemv_max_pairs = 16  # use it while tokens * top_k <= this; grouped GEMM above
+        self.gemv_options: dict[str, int] = {}  # block sizes for moe_gemv (benchmarks/gpu_moe.py tunes them)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -101,7 +102,7 @@ class MoE(nn.Module):
         weights, idx = self.gate(flat)
         if self._grouped_ok(flat):
             if self.gemv is not None and idx.numel() <= self.gemv_max_pairs:
-                routed = self.gemv(flat, idx, weights, *self.packed)
+                routed = self.gemv(flat, idx, weights, *self.packed, **self.gemv_options)
             else:
                 routed = self._dispatch_grouped(flat, weights, idx)
         else:

@@ -62,17 +62,21 @@ def _down_kernel(h_ptr, idx_ptr, rw_ptr, w2_ptr, y_ptr, D: tl.constexpr, INTER: 
     tl.store(y_ptr + pair * D + rows, acc * rw, mask=row_ok)
 
 
-def moe_gemv(x: torch.Tensor, idx: torch.Tensor, route_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Routed-expert output (N, D) for tokens x (N, D), expert ids idx (N, k), weights (N, k); stacks as in MoE.pack()."""
+def moe_gemv(x: torch.Tensor, idx: torch.Tensor, route_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *,
+             block_n: int = 8, block_k: int = 128, num_warps: int = 8) -> torch.Tensor:
+    """Routed-expert output (N, D) for tokens x (N, D), expert ids idx (N, k), weights (N, k); stacks as in MoE.pack().
+
+    Default blocks: fastest of benchmarks/gpu_moe.py's sweep on an H200 at DeepSeek-V2-Lite sizes (34 us per layer).
+    """
     n, d = x.shape
     k = idx.shape[1]
     inter = w2.shape[-1]
     assert w13.shape[1:] == (2 * inter, d) and w13.is_contiguous() and w2.is_contiguous()
     x, idx_flat, rw = x.contiguous(), idx.reshape(-1).contiguous(), route_w.reshape(-1).float().contiguous()
     h = torch.empty(n * k, inter, device=x.device, dtype=x.dtype)
-    _gate_up_kernel[(n * k, triton.cdiv(inter, 32))](x, idx_flat, w13, h, K_SLOTS=k, D=d, INTER=inter, BLOCK_N=32,
-                                                      BLOCK_K=256, num_warps=4)
+    _gate_up_kernel[(n * k, triton.cdiv(inter, block_n))](x, idx_flat, w13, h, K_SLOTS=k, D=d, INTER=inter,
+                                                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     y = torch.empty(n * k, d, device=x.device, dtype=torch.float32)
-    _down_kernel[(n * k, triton.cdiv(d, 32))](h, idx_flat, rw, w2, y, D=d, INTER=inter, BLOCK_N=32, BLOCK_K=256,
-                                              num_warps=4)
+    _down_kernel[(n * k, triton.cdiv(d, block_n))](h, idx_flat, rw, w2, y, D=d, INTER=inter, BLOCK_N=block_n,
+                                                   BLOCK_K=block_k, num_warps=num_warps)
     return y.view(n, k, d).sum(1).to(x.dtype)  # (N, D)
