@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from html.parser import HTMLParser
 
 from ingestion.elements import Chunk, Element
@@ -132,6 +133,7 @@ class _Unit:
     tokens: int
     new_element: bool  # starts a new element (joined with a newline)
     carry: bool  # may be repeated as overlap
+    path: tuple[str, ...] = ()  # heading path of the section the unit belongs to
 
 
 def _table_units(el: Element, *, count_tokens: Callable[[str], int], max_tokens: int) -> list[_Unit]:
@@ -141,15 +143,17 @@ def _table_units(el: Element, *, count_tokens: Callable[[str], int], max_tokens:
     if n <= max_tokens or len(rows) < 2:
         return [_Unit(whole, "Table", el.page, n, True, False)]
     header, body = rows[0], rows[1:]
+    special = count_tokens("")  # [CLS]/[SEP]-style tokens counted once per text
     parts: list[str] = []
     cur: list[str] = []
+    used = count_tokens(header)
     for row in body:
-        cand = "\n".join([header, *cur, row])
-        if cur and count_tokens(cand) > max_tokens:
+        row_tokens = count_tokens(row) - special
+        if cur and used + row_tokens > max_tokens:
             parts.append("\n".join([header, *cur]))
-            cur = [row]
-        else:
-            cur.append(row)
+            cur, used = [], count_tokens(header)
+        cur.append(row)
+        used += row_tokens
     if cur:
         parts.append("\n".join([header, *cur]))
     units: list[_Unit] = []
@@ -179,7 +183,7 @@ class _Packer:
         self.chunks: list[Chunk] = []
         self.buf: list[_Unit] = []
         self.n_carried = 0  # leading units of buf that repeat the previous chunk
-        self.path: list[str] = []
+        self.special = count_tokens("")
 
     def _text(self, units: list[_Unit]) -> str:
         text = ""
@@ -187,13 +191,21 @@ class _Packer:
             text = (text + "\n" + u.text) if (text and u.new_element) else _join(text, u.text)
         return text
 
+    def _over(self, unit: _Unit) -> bool:
+        """Would buf + unit pass the budget? Each unit's count includes the per-text special tokens once."""
+        return sum(u.tokens - self.special for u in self.buf) + unit.tokens > self.max_tokens
+
     def add(self, unit: _Unit) -> None:
-        if self.buf and sum(u.tokens for u in self.buf) + unit.tokens > self.max_tokens:
+        if self.buf and self._over(unit):
             if len(self.buf) > self.n_carried:
                 self.emit(keep_overlap=True)
-            if self.buf and sum(u.tokens for u in self.buf) + unit.tokens > self.max_tokens:
+            if self.buf and self._over(unit):
                 self.buf, self.n_carried = [], 0  # overlap does not fit beside this unit
         self.buf.append(unit)
+
+    def own_tokens(self) -> int:
+        """Tokens of the units not repeated from the previous chunk."""
+        return sum(u.tokens - self.special for u in self.buf[self.n_carried:])
 
     def emit(self, *, keep_overlap: bool) -> None:
         if len(self.buf) > self.n_carried:
@@ -207,8 +219,10 @@ class _Packer:
             rest = self.buf[len(units):]
             types = list(dict.fromkeys(u.type for u in units))
             pages = [u.page for u in units]
+            mine = units[self.n_carried:] or units
+            own = next((u for u in mine if u.type != "Title"), mine[0])  # leading titles head what follows
             self.chunks.append(Chunk(text=text, page_start=min(pages), page_end=max(pages),
-                                     heading_path=list(self.path), element_types=types, token_count=tokens))
+                                     heading_path=list(own.path), element_types=types, token_count=tokens))
             if rest:
                 self.buf, self.n_carried = [], 0
                 for u in rest:
@@ -223,7 +237,8 @@ class _Packer:
                 carried.insert(0, u)
                 total += u.tokens
         if carried:
-            carried[0] = _Unit(carried[0].text, carried[0].type, carried[0].page, carried[0].tokens, True, True)
+            c0 = carried[0]
+            carried[0] = _Unit(c0.text, c0.type, c0.page, c0.tokens, True, True, c0.path)
         self.buf, self.n_carried = carried, len(carried)
 
 
@@ -237,17 +252,21 @@ def chunk_elements(
     """Group elements into chunks per section; every chunk has <= max_tokens tokens by `count_tokens`."""
     if max_tokens <= 0 or not 0 <= overlap_tokens < max_tokens:
         raise ValueError("need max_tokens > 0 and 0 <= overlap_tokens < max_tokens")
+    combine_under = max_tokens // 4  # a section this small shares a chunk with the next one
+    count_tokens = lru_cache(maxsize=8192)(count_tokens)  # sentences are counted when fitted and when packed
     packer = _Packer(count_tokens=count_tokens, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
     stack: list[tuple[int, str]] = []
     for el in elements:
         if el.type == "Title":
-            packer.emit(keep_overlap=False)
+            if packer.own_tokens() >= combine_under:
+                packer.emit(keep_overlap=False)
             level = el.level if el.level is not None else (stack[-1][0] if stack else 0)
             while stack and stack[-1][0] >= level:
                 stack.pop()
             stack.append((level, " ".join(el.text.split())[:200]))
-            packer.path = [t for _, t in stack]
+        path = tuple(t for _, t in stack)
         for unit in _units(el, count_tokens=count_tokens, max_tokens=max_tokens):
+            unit.path = path
             packer.add(unit)
     packer.emit(keep_overlap=False)
     return packer.chunks

@@ -123,7 +123,8 @@ def _classify(block: list[_Line], *, height: float, body_size: float, title_size
         return "Table", None
     if _BULLET.match(text):
         return "ListItem", None
-    has_letters = any(ch.isalpha() for ch in text)
+    visible = [ch for ch in text if not ch.isspace()]
+    has_letters = sum(ch.isalpha() for ch in visible) >= 0.6 * max(len(visible), 1)  # not "June 25, 2022"
     if short and has_letters and size >= body_size * 1.15:
         return "Title", title_sizes.index(size) if size in title_sizes else len(title_sizes)
     if short and has_letters and block[0].bold and len(text) <= 120 and not text.rstrip().endswith((".", ",", ";")):

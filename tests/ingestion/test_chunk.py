@@ -51,22 +51,37 @@ def test_overlap_repeats_whole_sentences(count_tokens: Count) -> None:
     assert sum(len(split_sentences(ln)) for c in no_overlap for ln in c.text.splitlines()) == 41  # title + 40, each once
 
 
+def _body(topic: str) -> str:
+    return " ".join(f"{topic} fact number {i} is reported with supporting detail here." for i in range(8))
+
+
 def test_sections_give_heading_paths(count_tokens: Count) -> None:
     elements = [
         Element(text="Part I", type="Title", page=1, level=0),
         Element(text="Item 2. Management's Discussion", type="Title", page=1, level=1),
-        Element(text="Sales grew strongly this quarter.", type="NarrativeText", page=1),
+        Element(text=_body("Sales"), type="NarrativeText", page=1),
         Element(text="Liquidity", type="Title", page=2, level=2),
-        Element(text="Cash was ample at quarter end.", type="NarrativeText", page=2),
+        Element(text=_body("Cash"), type="NarrativeText", page=2),
         Element(text="Item 3. Market Risk", type="Title", page=3, level=1),
-        Element(text="Rates rose.", type="NarrativeText", page=3),
+        Element(text=_body("Rates"), type="NarrativeText", page=3),
     ]
-    chunks = chunk_elements(elements, count_tokens=count_tokens)
-    paths = {c.text.splitlines()[-1]: c.heading_path for c in chunks}
-    assert paths["Sales grew strongly this quarter."] == ["Part I", "Item 2. Management's Discussion"]
-    assert paths["Cash was ample at quarter end."] == ["Part I", "Item 2. Management's Discussion", "Liquidity"]
-    assert paths["Rates rose."] == ["Part I", "Item 3. Market Risk"]
-    assert all(c.page_start == c.page_end for c in chunks)
+    chunks = chunk_elements(elements, count_tokens=count_tokens, max_tokens=256)
+    paths = {c.text.splitlines()[-1].split()[0]: c.heading_path for c in chunks}
+    assert paths["Sales"] == ["Part I", "Item 2. Management's Discussion"]
+    assert paths["Cash"] == ["Part I", "Item 2. Management's Discussion", "Liquidity"]
+    assert paths["Rates"] == ["Part I", "Item 3. Market Risk"]
+    assert [c.page_start for c in chunks] == [1, 2, 3] and all(c.page_start == c.page_end for c in chunks)
+
+
+def test_tiny_sections_share_a_chunk(count_tokens: Count) -> None:
+    elements = [
+        Element(text="Revenue", type="Title", page=1, level=1),
+        Element(text="Up 5%.", type="NarrativeText", page=1),
+        Element(text="Margin", type="Title", page=1, level=1),
+        Element(text="Down 1%.", type="NarrativeText", page=1),
+    ]
+    (chunk,) = chunk_elements(elements, count_tokens=count_tokens, max_tokens=256)
+    assert chunk.text == "Revenue\nUp 5%.\nMargin\nDown 1%." and chunk.heading_path == ["Revenue"]
 
 
 def _table(rows: int) -> Element:

