@@ -21,6 +21,8 @@ from knowledge.documents.models import IN_PROGRESS, Document, Status
 from knowledge.documents.runner import TRANSIENT_ERRORS, stage_fail
 
 MAX_RETRIES = 3
+# A stage hands the document on by publishing the next step; ride out a broker restart (~2 min) doing so.
+HANDOFF_RETRY = {"max_retries": 40, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 3.0}
 STALLED_AFTER_S = 2 * 3600  # beyond the broker's visibility timeout, so redelivery had its chance first
 
 
@@ -84,7 +86,9 @@ STAGE_OF_STATUS = {
 def pipeline_signature(*, document_id: int, status: str = Status.QUEUED) -> Signature:
     """The stage chain for one document from the stage its status names, each step on its queue."""
     steps = STEPS[STAGE_OF_STATUS[status]:]
-    return chain(*(t.si(document_id).set(queue=queues.TASK_QUEUES[t.name]) for t in steps))
+    return chain(
+        *(t.si(document_id).set(queue=queues.TASK_QUEUES[t.name], retry=True, retry_policy=HANDOFF_RETRY) for t in steps)
+    )
 
 
 def documents_resume_stalled(*, older_than_s: float) -> list[int]:

@@ -6,11 +6,16 @@ import socket
 import subprocess
 import time
 
+import datetime as dt
+
 import pytest
 import redis
+from django.utils import timezone
 
 from knowledge.documents import services
 from knowledge.documents.models import Document, Status
+from knowledge.documents.tasks import documents_resume_stalled
+from knowledge.documents.workers import workers_up
 
 from conftest import Worker, celery_broker, data_settings, wait_for
 
@@ -99,5 +104,16 @@ def test_documents_queued_before_a_redis_restart_are_indexed_after_it(
         wait_for(lambda: not Document.objects.filter(pk__in=more).exclude(status=Status.INDEXED).exists(), timeout=240,
                  what="the documents in flight during the restart", worker=worker)
         assert worker.alive()
+
+        # A document whose hand-off was lost (queued in the DB, nothing in the broker) is picked up again.
+        path = write_report("lost.md", seed=500)
+        lost = services.document_accept(uploader=owner, path=path, filename=path.name, enqueue=False).document
+        Document.objects.filter(pk=lost.pk).update(updated_at=timezone.now() - dt.timedelta(hours=3))
+        with celery_broker(url):
+            assert lost.pk in documents_resume_stalled(older_than_s=3600)
+        wait_for(lambda: Document.objects.get(pk=lost.pk).status == Status.INDEXED, timeout=120,
+                 what="the resumed document", worker=worker)
+        assert workers_up()
     finally:
         worker.stop()
+    assert not workers_up()  # a worker that shut down removes its heartbeat

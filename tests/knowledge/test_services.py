@@ -155,3 +155,20 @@ def test_paragraphs_repeated_across_documents_are_dropped_as_boilerplate(make_us
     assert "forward-looking statements" in texts[0]  # seen once: still content
     assert "forward-looking statements" not in texts[3]  # seen in 3 documents before: boilerplate
     assert all(f"report {100 + i}" in t for i, t in enumerate(texts))
+
+
+def test_metadata_set_by_hand_survives_reprocessing(make_user, data_dir, write_report):
+    owner = make_user("ann")
+    path = write_report("ACME_2023Q2_NOTE.md", seed=7)
+    doc = pipeline_run_inline(document_id=services.document_accept(
+        uploader=owner, path=path, filename=path.name, enqueue=False).document.pk)
+    assert doc.status == Status.INDEXED
+    doc = services.document_update_metadata(document=doc, metadata={"company": "Hand Set Co", "report_date": "2024-01-31"})
+    assert doc.company == "Hand Set Co" and {"company", "report_date"} <= set(doc.given_fields)
+    services.document_reprocess(document=doc, enqueue=False)
+    doc = pipeline_run_inline(document_id=doc.pk)
+    assert doc.status == Status.INDEXED and doc.company == "Hand Set Co" and str(doc.report_date) == "2024-01-31"
+    doc = services.document_update_metadata(document=doc, metadata={"company": ""})
+    assert doc.company == "" and "company" not in doc.given_fields
+    with pytest.raises(services.DocumentError, match="not a date"):
+        services.document_update_metadata(document=doc, metadata={"report_date": "soon"})
