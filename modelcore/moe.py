@@ -69,10 +69,10 @@ class Gate(nn.Module):
                 group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
             else:
                 group_scores = grouped.amax(-1)  # (N, G)
-            keep = group_scores.topk(self.n_limited_groups, dim=-1).indices  # (N, G_kept)
+            keep = group_scores.topk(self.n_limited_groups, dim=-1, sorted=False).indices  # (N, G_kept)
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)  # (N, E)
-        idx = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices  # (N, k), in no particular order
         weights = scores.gather(1, idx)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -92,6 +92,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([Expert(args.dim, inter) for _ in range(self.n_experts)])
         self.shared_experts = Expert(args.dim, inter * args.n_shared_experts) if args.n_shared_experts else None
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (w13 (E, 2I, D), w2 (E, D, I)) after pack()
+        self.shared_w13: torch.Tensor | None = None  # shared experts' [gate; up] (2I_s, D) after pack(): one matmul
         self.gemv: Callable | None = None  # Triton small-batch kernel (modelcore.moe_kernels), set by pack() on CUDA
         self.gemv_max_pairs = 16  # use it while tokens * top_k <= this; grouped GEMM above
         self.gemv_options: dict[str, int] = {}  # block sizes for moe_gemv (benchmarks/gpu_moe.py tunes them)
@@ -107,7 +108,10 @@ class MoE(nn.Module):
                 routed = self._dispatch_grouped(flat, weights, idx)
         else:
             routed = self._dispatch_sorted(flat, weights, idx)
-        if self.shared_experts is not None:
+        if self.shared_w13 is not None:
+            gate, up = F.linear(flat, self.shared_w13).chunk(2, dim=-1)  # (N, I_s) each
+            routed = routed + self.shared_experts.down_proj(F.silu(gate) * up)
+        elif self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)
         return routed.view(shape)
 
@@ -146,7 +150,8 @@ class MoE(nn.Module):
 
     # --- grouped GEMM path (CUDA, bf16): no host sync, CUDA-graph friendly ---------------------------------
     def pack(self) -> bool:
-        """Stack expert weights into (E, 2I, D) and (E, D, I); expert Linears become views. False if not packable."""
+        """Stack expert weights into (E, 2I, D) and (E, D, I) (and the shared experts' gate+up into one matrix);
+        the Linears become views into the stacks. False if the experts are not plain Linears."""
         if not all(type(p) is nn.Linear for e in self.experts for p in (e.gate_proj, e.up_proj, e.down_proj)):
             return False  # quantized experts: keep the per-expert dispatch
         with torch.no_grad():
@@ -159,6 +164,13 @@ class MoE(nn.Module):
             e.down_proj.weight = nn.Parameter(w2[j], requires_grad=False)
         self.packed = (w13, w2)
         self.gemv = _load_gemv() if w13.is_cuda else None
+        se = self.shared_experts
+        if se is not None and type(se.gate_proj) is nn.Linear and type(se.up_proj) is nn.Linear:
+            with torch.no_grad():
+                self.shared_w13 = torch.cat([se.gate_proj.weight, se.up_proj.weight])  # (2I_s, D)
+            half = self.shared_w13.shape[0] // 2
+            se.gate_proj.weight = nn.Parameter(self.shared_w13[:half], requires_grad=False)
+            se.up_proj.weight = nn.Parameter(self.shared_w13[half:], requires_grad=False)
         return True
 
     def _grouped_ok(self, flat: torch.Tensor) -> bool:

@@ -230,6 +230,8 @@ def test_moe_pack_keeps_weights_and_outputs() -> None:
         w13, w2 = moe.packed
         w13[5, 0, 0] = 123.0  # the expert Linears are views into the stacks
         assert moe.experts[5].gate_proj.weight[0, 0] == 123.0
+        moe.shared_w13[-1, 0] = 7.0  # so are the shared experts' gate and up
+        assert moe.shared_experts.up_proj.weight[-1, 0] == 7.0
     randomise(moe, 11)  # same seed: same weights, written through the views
     with torch.no_grad():
         after = moe(x)  # CPU: still the sorted dispatch, on the packed storage
