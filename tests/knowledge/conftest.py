@@ -160,7 +160,11 @@ def pipeline_worker(django_db_setup, django_db_blocker, worker_data_dir) -> Iter
 @pytest.fixture
 def on_workers(pipeline_worker, worker_data_dir, settings, transactional_db) -> Iterator[Worker]:
     """This test sends tasks to the module's worker and shares its data folder."""
+    from knowledge.documents.workers import HEARTBEAT_SECONDS, workers_up
+
     data_settings(settings, worker_data_dir)
+    # The DB is emptied between tests; the worker's next heartbeat writes its row again.
+    wait_for(workers_up, timeout=HEARTBEAT_SECONDS * 4, what="the worker's heartbeat", worker=pipeline_worker)
     with celery_broker(REDIS_URL):
         yield pipeline_worker
 
