@@ -1,0 +1,140 @@
+"""Ingestion throughput: the whole pipeline (partition, clean, chunk, embed, index) in one process.
+
+Runs the same stage services a worker runs, one document after another, on a fresh data folder and
+SQLite database, and prints pages/s and chunks/s per stage plus peak RSS. With ``--corpus all`` it
+also checks that every corpus file outside bad/ ends indexed with chunks on valid pages and every
+file in bad/ ends failed with a reason.
+
+    .venv/bin/python benchmarks/ingest_throughput.py                 # corpus/financial
+    .venv/bin/python benchmarks/ingest_throughput.py --corpus all    # every folder, with the checks
+    .venv/bin/python benchmarks/ingest_throughput.py --corpus formats,multilingual,bad --out /tmp/check.json
+Figures go to benchmarks/results/ingest_throughput.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CORPUS = SHARED / "corpus"
+FOLDERS = ("financial", "formats", "multilingual", "long", "bad")
+
+
+def setup(data_dir: Path) -> None:
+    os.environ["KD_DATA_DIR"] = str(data_dir)
+    os.environ["DATABASE_URL"] = f"sqlite:///{data_dir / 'db.sqlite3'}"
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "knowledge.settings")
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", default="financial", help=f"comma-separated folders of {', '.join(FOLDERS)}, or 'all'")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest_throughput.json"))
+    parser.add_argument("--data-dir", help="keep the data folder here (default: a temp folder)")
+    args = parser.parse_args()
+    folders = FOLDERS if args.corpus == "all" else tuple(f.strip() for f in args.corpus.split(",") if f.strip())
+    unknown = set(folders) - set(FOLDERS)
+    if unknown:
+        parser.error(f"unknown corpus folder(s): {', '.join(sorted(unknown))}")
+    files = [(f, p) for f in folders for p in sorted((CORPUS / f).iterdir()) if p.is_file()]
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="kd-bench-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    setup(data_dir)
+
+    from django.contrib.auth import get_user_model
+
+    from knowledge.documents import services
+    from knowledge.documents.models import Document, Status
+    from knowledge.documents.pipeline import STAGES, embedder
+    from knowledge.documents.runner import stage_fail
+
+    t = time.perf_counter()
+    emb = embedder()
+    load_s = time.perf_counter() - t
+    owner = get_user_model().objects.create_superuser("bench", password="bench-password-1")
+    stage_s: dict[str, float] = defaultdict(float)
+    per_doc, problems = [], []
+    total_t = time.perf_counter()
+    for folder, path in files:
+        doc = services.document_accept(uploader=owner, path=path, filename=path.name, visibility="firm", enqueue=False).document
+        times = {}
+        for stage, run in STAGES:
+            t = time.perf_counter()
+            try:
+                run(document_id=doc.pk)
+            except Exception as exc:  # noqa: BLE001 - recorded as the document's failure, like the worker does
+                stage_fail(document_id=doc.pk, stage=stage, exc=exc)
+            times[stage] = time.perf_counter() - t
+            if Document.objects.filter(pk=doc.pk, status=Status.FAILED).exists():
+                break
+        doc.refresh_from_db()
+        chunks = list(doc.chunks.values_list("page_start", "page_end"))
+        ok_pages = all(1 <= (s or 0) <= (e or 0) <= max(doc.page_count, 1) for s, e in chunks)
+        if doc.status == Status.INDEXED:  # only finished documents count towards throughput
+            for stage, secs in times.items():
+                stage_s[stage] += secs
+        row = {"folder": folder, "file": path.name, "status": doc.status, "reason": doc.status_reason,
+               "pages": doc.page_count, "chunks": len(chunks), "pages_valid": ok_pages,
+               "seconds": {k: round(v, 3) for k, v in times.items()}}
+        per_doc.append(row)
+        want = Status.FAILED if folder == "bad" else Status.INDEXED
+        if doc.status != want or (want == Status.INDEXED and (not chunks or not ok_pages)) or (want == Status.FAILED and not doc.status_reason):
+            problems.append(f"{folder}/{path.name}: {doc.status} {doc.status_reason[:120]}")
+        print(f"{folder}/{path.name}: {doc.status} pages={doc.page_count} chunks={len(chunks)} "
+              f"{sum(times.values()):.1f}s {doc.status_reason[:100]}", flush=True)
+    wall = time.perf_counter() - total_t
+    indexed = [r for r in per_doc if r["status"] == Status.INDEXED]
+    pages = sum(r["pages"] for r in indexed)
+    chunks = sum(r["chunks"] for r in indexed)
+    busy = sum(stage_s.values())
+    result = {
+        "benchmark": "ingest_throughput",
+        "command": "python benchmarks/ingest_throughput.py " + " ".join(sys.argv[1:]),
+        "corpus": list(folders),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_end": list(os.getloadavg())},
+        "embedder": {"name": emb.name, "dim": emb.dim, "load_s": round(load_s, 2)},
+        "documents": len(per_doc),
+        "indexed": len(indexed),
+        "failed": sum(r["status"] == Status.FAILED for r in per_doc),
+        "pages_indexed": pages,
+        "chunks_indexed": chunks,
+        "wall_s": round(wall, 2),
+        "pages_per_s": round(pages / busy, 3) if busy else None,
+        "chunks_per_s": round(chunks / busy, 3) if busy else None,
+        "stages": {s: {"seconds": round(v, 2), "pages_per_s": round(pages / v, 2) if v else None,
+                       "chunks_per_s": round(chunks / v, 2) if v else None} for s, v in stage_s.items()},
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "problems": problems,
+        "per_document": per_doc,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "per_document"}, indent=2))
+    print(f"saved {out}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
