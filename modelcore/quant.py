@@ -105,7 +105,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.kernel == "packed":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.scales).to(x.dtype)
         else:
             w = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
             y = F.linear(x2, w)
@@ -157,7 +157,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.kernel == "packed":
-            xb = x2.to(torch.bfloat16)
+            xb = x2.to(torch.bfloat16).contiguous()
             if self.packed.device.type == "cuda":
                 y = torch.ops.aten._weight_int4pack_mm(xb, self.packed, self.group_size, self.scales_and_zeros)
             else:
