@@ -98,17 +98,29 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_head_dim, dim, bias=args.attention_bias)
         self.rotary = RotaryEmbedding(self.qk_rope_head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling)
+        self._kv_b_float: torch.Tensor | None = None  # dequantised kv_b_proj weight, when a quantized module is swapped in
 
     def new_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> LatentCache:
         """Allocate this layer's compressed cache (kv_lora_rank + qk_rope_head_dim values per token)."""
         return LatentCache(batch, max_len, self.kv_lora_rank, self.qk_rope_head_dim, device, dtype)
 
     def _kv_b_weight(self) -> torch.Tensor:
-        """kv_b_proj's float weight (H*(dn+dv), r), dequantised when a quantized module was swapped in."""
+        """kv_b_proj's float weight (H*(dn+dv), r); for a swapped-in quantized module, its dequantised weight."""
         w = getattr(self.kv_b_proj, "weight", None)
         if isinstance(w, torch.Tensor) and w.is_floating_point():
             return w
-        return self.kv_b_proj.dequantize()  # quantized layers (modelcore.quant) expose their float weight this way
+        cached = self._kv_b_float
+        if cached is None or cached.device != self.kv_a_layernorm.weight.device:
+            deq = getattr(self.kv_b_proj, "dequantize", None)
+            if callable(deq):
+                cached = deq()
+            else:  # any linear map: its weight is its response to the identity (once; quantized weights are frozen)
+                eye = torch.eye(self.kv_lora_rank, device=self.kv_a_layernorm.weight.device,
+                                dtype=self.kv_a_layernorm.weight.dtype)
+                with torch.no_grad():
+                    cached = self.kv_b_proj(eye).T.contiguous()  # (H*(dn+dv), r)
+            self._kv_b_float = cached
+        return cached
 
     def _queries_and_entry(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q_nope (B,H,T,dn), rotated q_pe (B,H,T,dr), cache entry (B,1,T,r+dr) = [norm(latent), rotated k_pe]."""

@@ -61,24 +61,41 @@ def test_mla_absorbed_matches_naive_through_cache(q_lora_rank: int, interleave: 
     args = mla_args(q_lora_rank=q_lora_rank, rope_scaling=scaling, extra={"rope_interleave": interleave})
     mla = MLA(args).eval()
     randomise(mla, 1)
-    b, t, steps, max_len = 2, 9, 6, 24
+    b, t, steps = 2, 9, 6
     x = torch.randn(b, t + steps, args.dim, generator=torch.Generator().manual_seed(2))
     pos = torch.arange(t + steps).expand(b, -1)
-    outs = {}
-    for impl in ("naive", "absorb"):
-        mla.impl = impl
-        cache = mla.new_cache(b, max_len, "cpu", torch.float32)
-        with torch.no_grad():
-            pieces = [mla(x[:, :t], pos[:, :t], cache, _mask(pos[:, :t], t))]
-            for i in range(t, t + steps):
-                pieces.append(mla(x[:, i:i + 1], pos[:, i:i + 1], cache, _mask(pos[:, i:i + 1], i + 1)))
-        outs[impl] = torch.cat(pieces, dim=1)
+    outs = {impl: _through_cache(mla, x, t, impl) for impl in ("naive", "absorb")}
     assert_close(outs["absorb"], outs["naive"], rtol=1e-5, atol=1e-5)
     mla.impl = "naive"
     with torch.no_grad():
         full = mla(x, pos, None, _mask(pos, t + steps))  # no cache at all
     assert_close(outs["absorb"], full, rtol=1e-5, atol=1e-5)
     assert full.abs().max() > 1e-3  # the comparison is not between zeros
+
+
+def _through_cache(mla: MLA, x: torch.Tensor, t: int, impl: str) -> torch.Tensor:
+    """Prefill x[:, :t] into a fresh cache, then decode the rest one token at a time with `impl`."""
+    mla.impl = impl
+    b, n, _ = x.shape
+    pos = torch.arange(n).expand(b, -1)
+    cache = mla.new_cache(b, n + 4, "cpu", torch.float32)
+    with torch.no_grad():
+        pieces = [mla(x[:, :t], pos[:, :t], cache, _mask(pos[:, :t], t))]
+        for i in range(t, n):
+            pieces.append(mla(x[:, i:i + 1], pos[:, i:i + 1], cache, _mask(pos[:, i:i + 1], i + 1)))
+    return torch.cat(pieces, dim=1)
+
+
+def test_mla_absorbed_with_quantized_kv_b_proj() -> None:
+    from modelcore.quant import Int8Linear
+
+    args = mla_args(kv_lora_rank=32)
+    mla = MLA(args).eval()
+    randomise(mla, 13)
+    mla.kv_b_proj = Int8Linear.from_linear(mla.kv_b_proj, kernel="fallback")  # no float .weight any more
+    x = torch.randn(2, 12, args.dim, generator=torch.Generator().manual_seed(14))
+    naive, absorbed = _through_cache(mla, x, 8, "naive"), _through_cache(mla, x, 8, "absorb")
+    assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
 
 
 def _mask(q_pos: torch.Tensor, s: int) -> torch.Tensor:
