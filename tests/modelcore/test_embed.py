@@ -27,7 +27,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def emb():
-    return load_embedder()
+    return load_embedder(dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,11 @@ def real_texts(shared_dir: Path) -> list[str]:
     zh = [q["context"] for q in cm[::20]][:16] + [q["question"] for q in cm[:16]]
     assert len(en) == 32 and len(zh) == 32
     return en + zh
+
+
+@pytest.fixture(scope="module")
+def float_vecs(emb, real_texts: list[str]) -> np.ndarray:
+    return emb.embed(real_texts, batch_size=16)
 
 
 def _reference(texts: list[str], max_tokens: int) -> np.ndarray:
@@ -54,10 +59,10 @@ def _reference(texts: list[str], max_tokens: int) -> np.ndarray:
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
 
 
-def test_matches_transformers_on_real_texts(emb, real_texts: list[str]) -> None:
+def test_matches_transformers_on_real_texts(emb, real_texts: list[str], float_vecs: np.ndarray) -> None:
     assert emb.max_tokens == 256 and emb.dim == 384
     assert any(emb.count_tokens(t) > emb.max_tokens for t in real_texts), "some texts must exercise truncation"
-    ours = emb.embed(real_texts, batch_size=16)
+    ours = float_vecs
     ref = _reference(real_texts, emb.max_tokens)
     assert ours.dtype == np.float32 and ours.shape == (64, 384)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
@@ -65,13 +70,21 @@ def test_matches_transformers_on_real_texts(emb, real_texts: list[str]) -> None:
     assert cos.min() >= 0.9999, f"min cosine {cos.min()} at {int(cos.argmin())}"
 
 
-def test_bfloat16_close_to_float(emb, real_texts: list[str]) -> None:
-    fast = load_embedder(dtype="bfloat16")
+def test_bfloat16_close_to_float(float_vecs: np.ndarray, real_texts: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelcore.defaults import cpu_has_native_bf16
+
+    monkeypatch.delenv("KD_EMBED_DTYPE", raising=False)
+    fast = load_embedder()  # the default: bf16 where the CPU has bf16 units
+    if not cpu_has_native_bf16():
+        assert next(fast.model.parameters()).dtype == torch.float32
+        fast = load_embedder(dtype="bfloat16")
     assert next(fast.model.parameters()).dtype == torch.bfloat16
-    cos = (fast.embed(real_texts) * emb.embed(real_texts)).sum(1)
+    cos = (fast.embed(real_texts) * float_vecs).sum(1)
     assert cos.min() >= 0.9995, f"bf16 vs float min cosine {cos.min()}"
     with pytest.raises(ValueError, match="embedding dtype"):
         load_embedder(dtype="float8")
+    monkeypatch.setenv("KD_EMBED_DTYPE", "float32")
+    assert next(load_embedder().model.parameters()).dtype == torch.float32
 
 
 def test_batch_equals_single_and_keeps_order(emb, real_texts: list[str]) -> None:

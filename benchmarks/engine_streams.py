@@ -1,0 +1,93 @@
+"""Engine throughput: 1 stream vs N concurrent streams (continuous batching) on the default generator (SmolLM2 GGUF).
+
+Each stream is a chat request (greedy, max_new_tokens); tokens/s counts generated tokens over wall time.
+Run:  .venv/bin/python benchmarks/engine_streams.py [--streams 8] [--max-new-tokens 64] [--threads 1]
+Saves benchmarks/results/engine_streams.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "engine_streams.json"
+QUESTIONS = [
+    "Explain what free cash flow tells an investor.",
+    "Write a short paragraph about risks in a bank's loan book.",
+    "Describe how rising interest rates affect bond prices.",
+    "Summarise the purpose of an income statement.",
+    "What should an analyst check in a company's 10-Q filing?",
+    "Explain the difference between gross margin and operating margin.",
+    "Describe three ways a retailer can grow same-store sales.",
+    "Why do companies buy back their own shares?",
+]
+
+
+def run_streams(eng, questions: list[str], max_new_tokens: int) -> dict:
+    """Submit all questions at once; wall time until all are done, tokens, time to first piece per stream."""
+    first: list[float] = [0.0] * len(questions)
+    t0 = time.perf_counter()
+    reqs = [eng.submit(messages=[{"role": "user", "content": q}], max_new_tokens=max_new_tokens) for q in questions]
+
+    def consume(i: int) -> None:
+        for _ in reqs[i]:
+            if not first[i]:
+                first[i] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(r.n_tokens for r in reqs)
+    return {"streams": len(questions), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "mean_time_to_first_piece_s": sum(first) / len(first), "finish_reasons": [r.finish_reason for r in reqs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quantization", default=None, choices=[None, "int8", "int4"])
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from modelcore.engine import Engine
+
+    t0 = time.perf_counter()
+    eng = Engine.get(quantization=a.quantization, max_batch=a.streams, max_len=1024)
+    load_s = time.perf_counter() - t0
+    questions = (QUESTIONS * ((a.streams + len(QUESTIONS) - 1) // len(QUESTIONS)))[: a.streams]
+    eng.generate(questions[0], max_new_tokens=4)  # warm-up
+    one = [run_streams(eng, [q], a.max_new_tokens) for q in questions]  # one stream at a time
+    single = {"tokens": sum(r["tokens"] for r in one), "seconds": sum(r["seconds"] for r in one)}
+    single["tokens_per_s"] = single["tokens"] / single["seconds"]
+    single["mean_time_to_first_piece_s"] = sum(r["mean_time_to_first_piece_s"] for r in one) / len(one)
+    many = run_streams(eng, questions, a.max_new_tokens)
+    result = {
+        "what": f"Engine tokens/s, SmolLM2-135M-Instruct (GGUF Q4_1, quantization={a.quantization}), greedy chat requests",
+        "threads": a.threads, "max_new_tokens": a.max_new_tokens, "load_seconds": load_s,
+        "one_stream_at_a_time": single, f"{a.streams}_concurrent_streams": many,
+        "speedup_concurrent_vs_one": many["tokens_per_s"] / single["tokens_per_s"],
+        "load_average_1m_at_end": os.getloadavg()[0], "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "command": "python benchmarks/engine_streams.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None),
+    }
+    print(f"1 stream:   {single['tokens_per_s']:.1f} tok/s (first piece {single['mean_time_to_first_piece_s']:.2f} s)")
+    print(f"{a.streams} streams: {many['tokens_per_s']:.1f} tok/s (first piece {many['mean_time_to_first_piece_s']:.2f} s)"
+          f"  -> {result['speedup_concurrent_vs_one']:.2f}x")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"saved {RESULTS}")
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
