@@ -195,6 +195,11 @@ class MoE(nn.Module):
         return torch.zeros_like(flat).index_add_(0, token_of, y)
 
 
+def pack_experts(model: nn.Module) -> int:
+    """Call MoE.pack() on every MoE layer of `model` (do it after loading, before CUDA decode); returns how many packed."""
+    return sum(1 for m in model.modules() if isinstance(m, MoE) and m.packed is None and m.pack())
+
+
 def _load_gemv() -> Callable | None:
     """modelcore.moe_kernels.moe_gemv when Triton is installed, else None."""
     try:
