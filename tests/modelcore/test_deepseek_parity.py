@@ -112,3 +112,18 @@ def test_prefill_and_cached_decode_match_transformers(pair) -> None:
     hf_tokens = torch.stack(greedy[:STEPS], dim=1)  # (B, STEPS)
     out = ours.generate(input_ids=ids, max_new_tokens=STEPS, eos_token_id=[])
     assert torch.equal(out[:, T:], hf_tokens), f"{variant}: greedy continuations differ"
+
+
+def test_fused_expert_checkpoint_loads(pair, tmp_path) -> None:
+    """A checkpoint holding experts as 3-D tensors (transformers' in-memory layout) loads to the same model."""
+    from safetensors.torch import save_file
+
+    variant, hf, ours = pair
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)  # really the fused layout
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    hf.config.to_json_file(str(tmp_path / "config.json"))
+    fused = AutoModel.from_pretrained(tmp_path, device_map="cpu", dtype="float32", load_tokenizer=False)
+    ids = torch.randint(2, VOCAB, (B, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
