@@ -20,6 +20,15 @@ def model_class_for(model_type: str) -> type:
     return Transformer
 
 
+def _is_bert(folder: Path) -> bool:
+    """True for a folder whose config.json says model_type "bert" (served by modelcore.bert, not the decoder)."""
+    cfg = folder / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "bert"
+    except (ValueError, AttributeError):  # unreadable config: load_config reports it clearly
+        return False
+
+
 def resolve_device(device_map: str | torch.device | None) -> torch.device:
     """'auto' -> CUDA when present else CPU; None -> CPU; otherwise the named device."""
     if device_map in (None, "auto"):
@@ -59,6 +68,14 @@ class AutoModel:
             tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
             model = build_model(args=args, state_dict=tensors, dtype=want_dtype, device=device, source=str(p),
                                 pending=set(prequantized))
+        elif _is_bert(p):  # encoder-only BERT family: modelcore/bert.py (MC-C)
+            from modelcore.bert import BertModel
+
+            if quantization is not None:
+                raise ValueError("quantization applies to decoders; load a BERT encoder with dtype='bfloat16' instead")
+            bert = BertModel.from_pretrained(p, dtype=want_dtype or torch.float32).to(device)
+            bert.tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer.json").is_file() else None
+            return bert
         else:
             args = load_config(p)
             model = build_model(args=args, state_dict=load_state_dict(p), dtype=want_dtype, device=device, source=str(p))

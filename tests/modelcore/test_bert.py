@@ -94,3 +94,17 @@ def test_bad_checkpoints_fail_clearly(tmp_path: Path, minilm: Path) -> None:
     model = BertModel(BertArgs(vocab_size=50, dim=32, n_layers=1, n_heads=2, inter_dim=64, max_position_embeddings=16))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings 16"):
         model(torch.ones(1, 17, dtype=torch.long))
+
+
+def test_automodel_dispatches_bert_folders(minilm: Path) -> None:
+    from modelcore import AutoModel
+
+    model = AutoModel.from_pretrained(minilm, dtype="bfloat16")
+    assert isinstance(model, BertModel) and model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    enc = model.tokenizer(TEXTS[0], return_tensors="pt")
+    ref = BertModel.from_pretrained(minilm)
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(model(enc["input_ids"]).float().mean(1), ref(enc["input_ids"]).mean(1))
+    assert float(cos) > 0.999
+    with pytest.raises(ValueError, match="quantization applies to decoders"):
+        AutoModel.from_pretrained(minilm, quantization="int8")
