@@ -85,7 +85,7 @@ def build_ours(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     return model.eval().requires_grad_(False)
 
 
-class Decoder:
+class DecodeStep:
     """One greedy decode step over a fixed-size latent cache: static shapes, no host sync (graph-capturable)."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, compiled: bool = False):
@@ -163,7 +163,7 @@ def time_ours(model: Transformer, *, batch: int, prompt: int, new: int, graph: b
     device = model.device
     ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(seed))
-    dec = Decoder(model, batch, prompt + new + 8, compiled=compiled)
+    dec = DecodeStep(model, batch, prompt + new + 8, compiled=compiled)
     dec.prefill(ids)
     first = dec.tokens.clone()
     t_cap = time.perf_counter()
@@ -214,7 +214,7 @@ def check_ours(model: Transformer, device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         use_dispatch(model, "grouped")
         ids = torch.randint(0, model.args.vocab_size, (4, 16), device=device)
-        dec = Decoder(model, 4, 40)
+        dec = DecodeStep(model, 4, 40)
         dec.prefill(ids)
         first = dec.tokens.clone()
         dec.capture()
@@ -236,7 +236,7 @@ def profile_step(model: Transformer, *, batch: int, prompt: int, out: Path) -> N
 
     use_dispatch(model, "gemv")
     ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=model.device)
-    dec = Decoder(model, batch, prompt + 40, compiled=True)
+    dec = DecodeStep(model, batch, prompt + 40, compiled=True)
     dec.prefill(ids)
     for _ in range(4):
         dec.step()

@@ -55,6 +55,7 @@ class Gate(nn.Module):
         assert self.n_experts % self.n_groups == 0, "n_routed_experts must be a multiple of n_group"
         assert 0 < self.top_k <= self.n_experts, "num_experts_per_tok must be in 1..n_routed_experts"
         self.weight = nn.Parameter(torch.empty(self.n_experts, args.dim))
+        nn.init.normal_(self.weight, std=args.dim**-0.5)  # checkpoints overwrite it; never leave garbage routing
         bias = torch.zeros(self.n_experts) if self.score_func == "sigmoid" else None
         self.register_buffer("e_score_correction_bias", bias)  # V3 checkpoints carry it; V2 has none
 
