@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CORPUS = SHARED / "corpus"
 FOLDERS = ("financial", "formats", "multilingual", "long", "bad")
+# In bad/ but still readable: ingestion reads its slides (tests/ingestion/test_bad_input.py), so it is expected indexed.
+READABLE_DESPITE_DAMAGE = {"fake-power-point-malformed.pptx"}
 
 
 def setup(data_dir: Path) -> None:
@@ -97,7 +99,7 @@ def main() -> int:
                "pages": doc.page_count, "chunks": len(chunks), "pages_valid": ok_pages,
                "seconds": {k: round(v, 3) for k, v in times.items()}}
         per_doc.append(row)
-        want = Status.FAILED if folder == "bad" else Status.INDEXED
+        want = Status.FAILED if folder == "bad" and path.name not in READABLE_DESPITE_DAMAGE else Status.INDEXED
         if doc.status != want or (want == Status.INDEXED and (not chunks or not ok_pages)) or (want == Status.FAILED and not doc.status_reason):
             problems.append(f"{folder}/{path.name}: {doc.status} {doc.status_reason[:120]}")
         print(f"{folder}/{path.name}: {doc.status} pages={doc.page_count} chunks={len(chunks)} "
@@ -126,6 +128,7 @@ def main() -> int:
                        "chunks_per_s": round(chunks / v, 2) if v else None} for s, v in stage_s.items()},
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "problems": problems,
+        "expected_indexed_from_bad": sorted(READABLE_DESPITE_DAMAGE),
         "per_document": per_doc,
     }
     out = Path(args.out)

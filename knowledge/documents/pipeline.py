@@ -208,7 +208,10 @@ def clean_run(*, document_id: int) -> bool:
     boilerplate = _boilerplate_for(document=document, elements=elements)
     cleaned = clean_elements(elements, boilerplate=boilerplate)
     if not cleaned:
-        raise StageError("Nothing is left after removing repeated headers, footers and boilerplate: the file has no content of its own.")
+        # Everything looked like headers, page numbers or boilerplate (a deck titled "Page 1", "Page 2"):
+        # that text is still all the file says, so index it rather than lose the document.
+        log.info("document %s: cleaning left nothing; keeping the text as read", document_id)
+        cleaned = elements
     storage.work_write(document_id=document_id, name="cleaned", items=cleaned)
     stage_advance(document=document, status=Status.CHUNKING, progress=30)
     return True

@@ -24,6 +24,7 @@ GOOD = [
     "financial/vodafone.xlsx",
     "formats/docx-tables.docx",
     "formats/fake-power-point-table.pptx",
+    "formats/fake-power-point-many-pages.pptx",  # only "Page 1", "Page 2": all of it looks like page numbers
     "formats/codeblock.md",
     "formats/fake-email-attachment.eml",
     "formats/fake-text-utf-16.txt",
