@@ -13,6 +13,7 @@ into it, so the batched decode runs on a contiguous view of the cache.
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import threading
 from collections import deque
@@ -233,6 +234,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._loop, name=f"modelcore-engine-{name}", daemon=True)
         self._thread.start()
 
@@ -247,7 +249,7 @@ class Engine:
         key = (str(p.resolve()), quantization)
         with cls._registry_lock:
             eng = cls._registry.get(key)
-            if eng is None or eng._closed:
+            if eng is None or eng._closed or eng._pid != os.getpid():  # a forked child needs its own worker thread
                 from modelcore.auto import AutoModel
 
                 model = AutoModel.from_pretrained(str(p), quantization=quantization)
@@ -274,7 +276,10 @@ class Engine:
             raise PromptError(f"prompt of {len(ids)} tokens leaves no room in the Engine's context of {self.max_context}")
         params = build_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, seed=seed, stop=stop, eos=self.eos_token_ids)
-        req = Request(ids, params, budget=min(params.max_new_tokens, self.max_context - len(ids)))
+        return self.enqueue(Request(ids, params, budget=min(params.max_new_tokens, self.max_context - len(ids))))
+
+    def enqueue(self, req: Request) -> Request:
+        """Queue an already-built request (``submit`` validates and builds one)."""
         with self._cond:
             self._waiting.append(req)
             self._cond.notify()

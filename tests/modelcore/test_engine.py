@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from modelcore.engine import Engine
+from modelcore.engine import Engine, Request, build_params
 from modelcore.errors import GenerationConfigError, PromptError
 
 QUESTIONS = [
@@ -121,3 +121,15 @@ def test_seeded_sampling_is_reproducible_under_concurrency(eng: Engine) -> None:
     texts = _concurrently(lambda i: eng.generate(seed=7 if i % 2 == 0 else 1000 + i, **kw), 4)
     assert texts[0] == texts[2] == alone
     assert len({alone, texts[1], texts[3]}) > 1  # other seeds give other samples
+
+
+def test_failure_inside_the_worker_fails_only_that_request(eng: Engine) -> None:
+    running = eng.submit(messages=_chat(QUESTIONS[4]), max_new_tokens=N_NEW)
+    params = build_params(max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None,
+                          stop=None, eos=eng.eos_token_ids)
+    broken = eng.enqueue(Request([eng.model.args.vocab_size + 5], params, budget=4))  # id outside the embedding table
+    with pytest.raises(IndexError):
+        list(broken)
+    assert broken.finish_reason == "error" and isinstance(broken.error, IndexError)
+    assert running.wait(timeout=120) and running.error is None and running.text == _alone(eng, QUESTIONS[4])
+    assert eng.generate("Say hello.", max_new_tokens=4)  # the worker still serves
