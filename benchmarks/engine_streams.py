@@ -2,7 +2,7 @@
 
 Each stream is a chat request (greedy, max_new_tokens); tokens/s counts generated tokens over wall time.
 Run:  .venv/bin/python benchmarks/engine_streams.py [--streams 8] [--max-new-tokens 64] [--threads 1]
-Saves benchmarks/results/engine_streams.json.
+Saves benchmarks/results/engine_streams.json (one entry per --quantization).
 """
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ def main() -> None:
     print(f"{a.streams} streams: {many['tokens_per_s']:.1f} tok/s (first piece {many['mean_time_to_first_piece_s']:.2f} s)"
           f"  -> {result['speedup_concurrent_vs_one']:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    runs = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.is_file() else {}
+    runs[f"quantization={a.quantization or 'none'}"] = result  # one entry per weight format, latest run wins
+    RESULTS.write_text(json.dumps({"runs": runs}, indent=2))
     print(f"saved {RESULTS}")
     eng.close()
 
