@@ -78,6 +78,13 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
+def _bf16_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The packed kernels' input: bfloat16, contiguous (skips the no-op dispatches on the decode hot path)."""
+    if x.dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16)
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def _resolve_kernel(kernel: str, device: torch.device) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -105,7 +112,8 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.kernel == "packed":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.scales).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(_bf16_contiguous(x2), self.weight, self.scales)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
         else:
             w = self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
             y = F.linear(x2, w)
@@ -157,12 +165,12 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.kernel == "packed":
-            xb = x2.to(torch.bfloat16).contiguous()
+            xb = _bf16_contiguous(x2)
             if self.packed.device.type == "cuda":
                 y = torch.ops.aten._weight_int4pack_mm(xb, self.packed, self.group_size, self.scales_and_zeros)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.scales_and_zeros)
-            y = y.to(x.dtype)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
         else:
             y = F.linear(x2, self.dequantized_weight(x.dtype))
         if self.bias is not None:
