@@ -127,3 +127,13 @@ def test_fused_expert_checkpoint_loads(pair, tmp_path) -> None:
     ids = torch.randint(2, VOCAB, (B, T), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_round_trips_to_transformers(pair, tmp_path) -> None:
+    """Our save_pretrained of a DeepSeek model is a folder transformers loads to the very same model."""
+    variant, hf, ours = pair
+    ours.save_pretrained(tmp_path)
+    again = type(hf).from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (B, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, rtol=1e-6, atol=1e-6)
