@@ -30,6 +30,7 @@ class ModelArgs:
     pad_token_id: int | None = None
     dtype: str = "float32"
     hidden_act: str = "silu"
+    sliding_window: int | None = None  # Mistral: each query sees only the last `sliding_window` positions
     # attention variant: "gqa" (covers MHA/MQA) or "mla" (DeepSeek-V2/V3)
     attention: str = "gqa"
     q_lora_rank: int = 0  # 0 -> no low-rank q projection

@@ -45,6 +45,8 @@ def config_to_args(config: dict[str, Any]) -> ModelArgs:
         raise UnknownArchitectureError(
             f"unknown model_type {model_type!r} (architectures={arch}); modelcore supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     c = config
+    if model_type == "qwen2" and c.get("use_sliding_window"):
+        raise UnknownArchitectureError("Qwen2 with use_sliding_window=true (per-layer windows) is not supported by modelcore")
     is_ds = model_type.startswith("deepseek")
     eos = c.get("eos_token_id")
     args = ModelArgs(
@@ -69,6 +71,7 @@ def config_to_args(config: dict[str, Any]) -> ModelArgs:
         pad_token_id=c.get("pad_token_id"),
         dtype=str(c.get("dtype") or c.get("torch_dtype") or "float32").removeprefix("torch."),
         hidden_act=c.get("hidden_act", "silu"),
+        sliding_window=c.get("sliding_window") if model_type == "mistral" else None,
         attention="mla" if is_ds else "gqa",
         q_lora_rank=c.get("q_lora_rank") or 0,
         kv_lora_rank=c.get("kv_lora_rank") or 512,
@@ -126,6 +129,8 @@ def args_to_config(args: ModelArgs) -> dict[str, Any]:
         c["rope_parameters"] = {**args.rope_scaling, "rope_theta": args.rope_theta}
     if args.model_type in ("llama", "mistral"):
         c.update({"head_dim": args.head_dim, "attention_bias": args.attention_bias, "mlp_bias": args.mlp_bias})
+    if args.model_type == "mistral":
+        c["sliding_window"] = args.sliding_window
     if args.model_type == "qwen2":
         c.setdefault("use_sliding_window", False)
     if args.attention == "mla" or args.n_routed_experts:

@@ -168,9 +168,12 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m.bool(), real, pad)
 
 
-def build_mask(positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask (B, 1, T, S): query t may see key s when key_pos <= query_pos (and key is valid)."""
+def build_mask(positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor | None = None,
+               window: int | None = None) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S): query t may see key s when key_pos <= query_pos (and key is valid, and within window)."""
     mask = key_positions[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
+    if window is not None:
+        mask = mask & (key_positions[:, None, None, :] > positions[:, None, :, None] - window)
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :].bool()
     return mask
@@ -230,11 +233,11 @@ class Transformer(nn.Module):
                 positions = torch.arange(t, device=input_ids.device).expand(b, t)
         if cache is None:
             valid = attention_mask.to(input_ids.device) if attention_mask is not None else None
-            mask = build_mask(positions, positions, valid)
+            mask = build_mask(positions, positions, valid, self.args.sliding_window)
         else:
             s = int(positions.max()) + 1
             assert s <= cache[0].max_len, f"position {s - 1} beyond cache length {cache[0].max_len}"
-            mask = build_mask(positions, torch.arange(s, device=input_ids.device).expand(b, s))
+            mask = build_mask(positions, torch.arange(s, device=input_ids.device).expand(b, s), window=self.args.sliding_window)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, cache[i] if cache is not None else None, mask)

@@ -22,6 +22,7 @@ VARIANTS = {
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 32}),
     "qwen2": dict(family="qwen2", tie=False, rope_scaling=None),
+    "mistral_window": dict(family="mistral", tie=False, rope_scaling=None),
     "qwen2_tied_yarn": dict(family="qwen2", tie=True, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                                     "original_max_position_embeddings": 64}),
 }
@@ -29,7 +30,7 @@ VARIANTS = {
 
 def hf_config(variant: str, vocab_size: int = VOCAB):
     """A tiny transformers config for `variant` (GQA: 4 query heads, 2 kv heads)."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     v = VARIANTS[variant]
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -37,6 +38,8 @@ def hf_config(variant: str, vocab_size: int = VOCAB):
                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if v["rope_scaling"]:
         common["rope_parameters"] = {"rope_theta": 10000.0, **v["rope_scaling"]}
+    if v["family"] == "mistral":
+        return MistralConfig(**common, sliding_window=6)  # shorter than the 20-token test prompts
     cls = LlamaConfig if v["family"] == "llama" else Qwen2Config
     return cls(**common)
 

@@ -57,6 +57,9 @@ def test_unknown_architecture_and_mismatched_weights(copy_of):
     cfg_path.write_text(json.dumps({**cfg, "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
     with pytest.raises(UnknownArchitectureError, match="gpt_neox"):
         AutoModel.from_pretrained(copy_of)
+    cfg_path.write_text(json.dumps({**cfg, "model_type": "qwen2", "use_sliding_window": True}))
+    with pytest.raises(UnknownArchitectureError, match="use_sliding_window"):
+        AutoModel.from_pretrained(copy_of)
     cfg_path.write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(CheckpointError, match=r"missing \['model.layers.2"):
         AutoModel.from_pretrained(copy_of)

@@ -9,7 +9,7 @@ from modelcore import AutoModel
 from modelcore.generate import decode_one_token, prefill
 from modelcore.model import positions_from_mask
 
-VARIANTS = ["llama", "llama3_tied", "qwen2", "qwen2_tied_yarn"]  # built in conftest.py
+VARIANTS = ["llama", "llama3_tied", "qwen2", "qwen2_tied_yarn", "mistral_window"]  # built in conftest.py
 VOCAB = 1024  # conftest.PARITY_VOCAB
 
 ATOL = 1e-4
