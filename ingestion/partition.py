@@ -21,7 +21,8 @@ from ingestion.filetype import KIND_NAMES, detect_kind
 from ingestion.ocr import OcrError, ocr_image_file
 from ingestion.pdf_text import PdfReadError, read_pdf
 
-spacy_model.install_offline_spacy()  # before any unstructured partitioner classifies text
+# spacy_model's import sets DO_NOT_TRACK before unstructured is imported; the spaCy patch itself is applied
+# lazily (install_offline_spacy) so text-layer PDFs never load spaCy at all.
 
 SUPPORTED_EXTENSIONS = frozenset({
     ".pdf", ".docx", ".pptx", ".xlsx", ".html", ".htm", ".xhtml", ".md", ".markdown",
@@ -152,6 +153,7 @@ def _from_unstructured(items: list[Any]) -> list[Element]:
 
 
 def _read_office(path: Path, *, kind: str) -> list[Element]:
+    spacy_model.install_offline_spacy()
     try:
         if kind == "docx":
             from unstructured.partition.docx import partition_docx
@@ -170,6 +172,7 @@ def _read_office(path: Path, *, kind: str) -> list[Element]:
 
 
 def _read_image(path: Path) -> list[Element]:
+    spacy_model.install_offline_spacy()
     from unstructured.partition.text import element_from_text
 
     try:
@@ -209,6 +212,7 @@ def _read_text_family(path: Path, *, ext: str, kind: str, info: dict[str, Any]) 
 
 
 def _partition_text(text: str, *, ext: str, kind: str) -> list[Element]:
+    spacy_model.install_offline_spacy()
     if ext in (".html", ".htm", ".xhtml") or (kind == "html" and ext not in (".md", ".markdown", ".txt", ".text", ".csv", ".json")):
         from unstructured.partition.html import partition_html
         return _from_unstructured(partition_html(text=text))

