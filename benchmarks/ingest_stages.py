@@ -1,6 +1,6 @@
 """Pages/s of each ingestion stage over the 13 filings in corpus/financial, one process, one thread.
 
-    .venv/bin/python benchmarks/ingest_stages.py [--repeat N] [--no-embed]
+    .venv/bin/python benchmarks/ingest_stages.py [--repeat N] [--no-embed] [--no-pdfminer]
 
 Stages: partition (ours) -> clean -> chunk (embedding tokenizer) -> embed (modelcore.load_embedder),
 against the libraries called directly: pypdfium2 bare text extraction (what our PDF reader wraps)
@@ -81,6 +81,36 @@ def bare_pdfminer(files: list[Path]) -> int:
     return chars
 
 
+FORMAT_FILES = ["formats/docx-tables.docx", "formats/page-breaks.docx", "formats/fake-power-point-table.pptx",
+                "financial/2023-half-year-analyses-by-segment.xlsx", "financial/vodafone.xlsx",
+                "formats/example-with-scripts.html", "financial/example-10k-1p.html", "formats/codeblock.md",
+                "formats/fake-text-utf-16.txt"]
+
+
+def other_formats(repeat: int) -> dict:
+    """Our partition_file vs the unstructured partitioner it wraps, per non-PDF file (best of `repeat`)."""
+    from unstructured.partition.docx import partition_docx
+    from unstructured.partition.html import partition_html
+    from unstructured.partition.md import partition_md
+    from unstructured.partition.pptx import partition_pptx
+    from unstructured.partition.text import partition_text
+    from unstructured.partition.xlsx import partition_xlsx
+
+    from ingestion.partition import partition_file
+
+    direct = {".docx": partition_docx, ".pptx": partition_pptx, ".xlsx": partition_xlsx, ".html": partition_html,
+              ".md": partition_md, ".txt": partition_text}
+    out = {}
+    for rel in FORMAT_FILES:
+        path = CORPUS.parent / rel
+        fn = direct[path.suffix]
+        partition_file(path)  # warm: spaCy model, parsers
+        ours = min(_timed(lambda: partition_file(path))[1] for _ in range(repeat))
+        lib = min(_timed(lambda: fn(filename=str(path)))[1] for _ in range(repeat))
+        out[rel] = {"ours_s": round(ours, 4), "unstructured_direct_s": round(lib, 4), "ratio": round(ours / lib, 2)}
+    return out
+
+
 def unstructured_fast_available() -> str | None:
     try:
         import unstructured.partition.pdf  # noqa: F401
@@ -89,7 +119,7 @@ def unstructured_fast_available() -> str | None:
     return None
 
 
-def run(*, repeat: int, embed: bool) -> dict:
+def run(*, repeat: int, embed: bool, pdfminer: bool) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -118,6 +148,7 @@ def run(*, repeat: int, embed: bool) -> dict:
     for _ in range(repeat):
         times = {"partition": 0.0, "clean": 0.0, "chunk": 0.0, "embed": 0.0}
         pages = n_chunks = n_elements = 0
+        all_cleaned = []
         for f in files:
             (elements, info), dt = _timed(lambda: partition_file(f), "partition")
             times["partition"] += dt
@@ -128,17 +159,21 @@ def run(*, repeat: int, embed: bool) -> dict:
             chunks, dt = _timed(lambda: chunk_elements(cleaned, count_tokens=count_tokens, max_tokens=256, overlap_tokens=32), "chunk")
             times["chunk"] += dt
             n_chunks += len(chunks)
+            all_cleaned.extend(cleaned)
             if embed and emb is not None:
                 _, dt = _timed(lambda: emb.embed([c.text for c in chunks], batch_size=32), "embed")
                 times["embed"] += dt
+        _, times["direct_tokenizer_count"] = _timed(lambda: [count_tokens(e.text) for e in all_cleaned], "direct_tokenizer_count")
         _, times["direct_pypdfium2_text"] = _timed(lambda: bare_pdfium(files), "direct_pypdfium2_text")
-        _, times["direct_pdfminer_layout"] = _timed(lambda: bare_pdfminer(files), "direct_pdfminer_layout")
+        if pdfminer:
+            _, times["direct_pdfminer_layout"] = _timed(lambda: bare_pdfminer(files), "direct_pdfminer_layout")
         for k, v in times.items():
             best[k] = min(best.get(k, v), v)
     stages = ["partition", "clean", "chunk"] + (["embed"] if embed and emb is not None else [])
     total = sum(best[s] for s in stages)
     return {
-        "command": "python benchmarks/ingest_stages.py" + (" --no-embed" if not embed else "") + f" --repeat {repeat}",
+        "command": "python benchmarks/ingest_stages.py" + (" --no-embed" if not embed else "")
+        + (" --no-pdfminer" if not pdfminer else "") + f" --repeat {repeat}",
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                     "threads": 1, "load_avg_1m": os.getloadavg()[0]},
         "files": len(files), "pages": pages, "elements": n_elements, "chunks": n_chunks, "embedder": emb_name,
@@ -150,7 +185,9 @@ def run(*, repeat: int, embed: bool) -> dict:
         "pipeline_pages_per_s": round(pages / total, 2),
         "pipeline_stages": stages,
         "partition_vs_pypdfium2_bare": round(best["partition"] / best["direct_pypdfium2_text"], 2),
-        "partition_vs_pdfminer_layout": round(best["partition"] / best["direct_pdfminer_layout"], 3),
+        "partition_vs_pdfminer_layout": round(best["partition"] / best["direct_pdfminer_layout"], 3) if pdfminer else None,
+        "chunk_vs_tokenizer_count": round(best["chunk"] / best["direct_tokenizer_count"], 2),
+        "other_formats_vs_unstructured": other_formats(max(repeat, 2)),
         "unstructured_partition_pdf": unstructured_fast_available() or "importable",
         "peak_rss_mb": round(_rss_mb(), 1),
     }
@@ -160,8 +197,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2, help="runs; the best time per stage is kept")
     ap.add_argument("--no-embed", action="store_true", help="skip the embedding stage")
+    ap.add_argument("--no-pdfminer", action="store_true", help="skip the slow pdfminer layout baseline")
     args = ap.parse_args()
-    result = run(repeat=args.repeat, embed=not args.no_embed)
+    result = run(repeat=args.repeat, embed=not args.no_embed, pdfminer=not args.no_pdfminer)
     for k, v in result["pages_per_s"].items():
         print(f"{k:>24}: {v:8.1f} pages/s wall ({result['seconds'][k]:.2f} s), "
               f"{result['pages_per_cpu_s'].get(k, 0):8.1f} pages per CPU-s")
@@ -169,7 +207,10 @@ def main() -> None:
           f"{result['pipeline_pages_per_cpu_s']:.2f} pages per CPU-s over {result['pages']} pages "
           f"({' + '.join(result['pipeline_stages'])})")
     print(f"partition / bare pypdfium2 = {result['partition_vs_pypdfium2_bare']}x; "
-          f"/ pdfminer layout = {result['partition_vs_pdfminer_layout']}x; peak RSS {result['peak_rss_mb']} MB")
+          f"/ pdfminer layout = {result['partition_vs_pdfminer_layout']}x; chunk / bare token counting = "
+          f"{result['chunk_vs_tokenizer_count']}x; peak RSS {result['peak_rss_mb']} MB")
+    for rel, r in result["other_formats_vs_unstructured"].items():
+        print(f"{rel:>48}: ours {r['ours_s']:.3f} s, unstructured direct {r['unstructured_direct_s']:.3f} s ({r['ratio']}x)")
     print(f"unstructured.partition.pdf: {result['unstructured_partition_pdf']}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
