@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -265,14 +266,25 @@ def chunk_run(*, document_id: int) -> bool:
     return True
 
 
-def embed_run(*, document_id: int, on_batch: Callable[[int, int], None] | None = None) -> bool:
-    """Embed the chunks still without vectors, saving each batch so a restart resumes."""
+class StageContinues(Exception):
+    """The stage used its time budget with work left (saved so far); run it again to go on."""
+
+
+def embed_run(
+    *, document_id: int, budget_s: float | None = None, on_batch: Callable[[int, int], None] | None = None
+) -> bool:
+    """Embed the chunks still without vectors, saving each batch so a restart resumes.
+
+    With ``budget_s`` it stops after the batch that passes the budget and raises StageContinues, so
+    a very long document is embedded by several tasks, each well inside the task time limit.
+    """
     document = stage_enter(document_id=document_id, expected=(Status.EMBEDDING,), status=Status.EMBEDDING)
     if document is None:
         return False
     emb = embedder()
     total = Chunk.objects.filter(document_id=document_id).count()
     batch = embed_batch_size()
+    started = time.monotonic()
     while True:
         todo = list(Chunk.objects.filter(document_id=document_id, vector__isnull=True).order_by("ordinal")[:batch])
         if not todo:
@@ -288,6 +300,8 @@ def embed_run(*, document_id: int, on_batch: Callable[[int, int], None] | None =
             Document.objects.filter(pk=document_id).update(progress=40 + int(50 * done / max(total, 1)))
         if on_batch is not None:
             on_batch(done, total)
+        if budget_s is not None and done < total and time.monotonic() - started > budget_s:
+            raise StageContinues(f"document {document_id}: embedding continues in a new task")  # at least a batch done
     stage_advance(document=document, status=Status.INDEXING, progress=90)
     return True
 

@@ -13,6 +13,7 @@ import random
 from celery import chain, shared_task
 from celery.exceptions import Ignore
 from celery.canvas import Signature
+from django.conf import settings
 from django.utils import timezone
 
 from knowledge import queues
@@ -30,10 +31,20 @@ def _backoff(retries: int) -> float:
     return min(60.0, 2.0 ** (retries + 1)) * random.uniform(0.5, 1.5)
 
 
+def embed_budget_s() -> float:
+    """Embed for at most half the soft time limit per task, then hand on to a fresh task."""
+    return max(30.0, float(settings.CELERY_TASK_SOFT_TIME_LIMIT) / 2)
+
+
 def _run(task, *, stage: str, document_id: int) -> bool:
     run = dict(pipeline.STAGES)[stage]
     try:
+        if stage == "embed":
+            return run(document_id=document_id, budget_s=embed_budget_s())
         return run(document_id=document_id)
+    except pipeline.StageContinues:
+        pipeline_signature(document_id=document_id, status=Status.EMBEDDING).apply_async()
+        raise Ignore() from None  # this chain stops; the new one goes on from the saved vectors
     except TRANSIENT_ERRORS as exc:
         if task.request.retries < MAX_RETRIES:
             raise task.retry(exc=exc, countdown=_backoff(task.request.retries), max_retries=MAX_RETRIES)

@@ -170,3 +170,23 @@ def test_metadata_set_by_hand_survives_reprocessing(make_user, data_dir, write_r
     assert doc.company == "" and "company" not in doc.given_fields
     with pytest.raises(services.DocumentError, match="not a date"):
         services.document_update_metadata(document=doc, metadata={"report_date": "soon"})
+
+
+def test_embedding_a_long_document_goes_on_in_steps_when_the_budget_runs_out(make_user, data_dir, write_report, settings):
+    from knowledge.documents.pipeline import STAGES, StageContinues, embed_run
+
+    owner = make_user("ann")
+    path = write_report("long.md", seed=8, paragraphs=40)
+    doc = services.document_accept(uploader=owner, path=path, filename=path.name, enqueue=False).document
+    for stage, run in STAGES[:3]:
+        assert run(document_id=doc.pk), stage
+    settings.KD_EMBED_BATCH = 4
+    total = Chunk.objects.filter(document=doc).count()
+    assert total > 2 * settings.KD_EMBED_BATCH  # several batches
+    with pytest.raises(StageContinues):
+        embed_run(document_id=doc.pk, budget_s=0.0)  # one batch, then out of time
+    done = Chunk.objects.filter(document=doc, vector__isnull=False).count()
+    assert 0 < done < total and Document.objects.get(pk=doc.pk).status == Status.EMBEDDING
+    assert embed_run(document_id=doc.pk, budget_s=None)
+    assert not Chunk.objects.filter(document=doc, vector__isnull=True).exists()
+    assert Document.objects.get(pk=doc.pk).status == Status.INDEXING
