@@ -125,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=300)
-    ap.add_argument("--ef", type=int, nargs="+", default=[32, 64, 96, 128, 256])
+    ap.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ap.add_argument("--build-threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -151,7 +151,7 @@ def main() -> None:
                             "latencies are single queries, one after another, through IndexReader.dense(); p50/p95_ms are "
                             "wall clock (include waiting for a core), cpu_*_ms the calling thread's CPU time (the work itself)",
                     "load_average_at_end": os.getloadavg()},
-        "setup": {"dim": DIM, "k": K, "queries": args.queries, "hnsw_m": 32, "ef_construction": 80,
+        "setup": {"dim": DIM, "k": K, "queries": args.queries, "hnsw_m": 16, "ef_construction": 40,
                   "data": "synthetic clustered unit vectors (n/500 clusters), queries drawn from the same clusters",
                   "allow_lists": "random subsets; <=20k ids (or <=2 %) searched exactly, larger through a FAISS bitmap selector"},
         "results": results,

@@ -127,9 +127,9 @@ class IndexWriter:
         dim: int,
         exact_threshold: int = 50_000,
         lock_timeout: float = 0.0,
-        hnsw_m: int = 32,
-        ef_construction: int = 80,
-        ef_search: int = 96,
+        hnsw_m: int = 16,
+        ef_construction: int = 40,
+        ef_search: int = 128,
         keep_versions: int = 3,
         build_threads: int | None = None,
     ) -> None:
@@ -386,7 +386,7 @@ class _Snapshot:
     sorted_ids: np.ndarray  # live external ids, ascending
     sorted_rows: np.ndarray  # their rows
     id_to_row: np.ndarray | None  # row per external id (-1: none) when ids are dense enough for a table
-    vectors: np.ndarray  # (rows, dim) memory-mapped
+    vectors: np.ndarray  # (rows, dim) view of the FAISS storage
     index: faiss.Index
     bm25: BM25Scorer
     ef_search: int  # the writer's default
@@ -409,7 +409,6 @@ class _Snapshot:
 def _load_snapshot(vdir: Path) -> _Snapshot:
     meta = json.loads((vdir / "meta.json").read_text())
     row_ids = np.load(vdir / "row_ids.npy")
-    vectors = np.load(vdir / "vectors.npy", mmap_mode="r")
     counts = sp.load_npz(vdir / "bm25_counts.npz").tocsr()
     terms = json.loads((vdir / "bm25_terms.json").read_text())
     live = row_ids >= 0
@@ -422,15 +421,20 @@ def _load_snapshot(vdir: Path) -> _Snapshot:
         id_to_row[sorted_ids] = live_rows[order]
     if meta["kind"] == "hnsw":
         index = faiss.read_index(str(vdir / "hnsw.faiss"))
+        storage = faiss.downcast_index(index.storage)
     else:
-        index = faiss.IndexFlatIP(meta["dim"])
-        if len(vectors):
-            index.add(np.ascontiguousarray(vectors))
+        index = storage = faiss.IndexFlatIP(meta["dim"])
+        index.add(np.ascontiguousarray(np.load(vdir / "vectors.npy", mmap_mode="r")))
+    assert storage.ntotal == len(row_ids), (storage.ntotal, len(row_ids))
+    # A read-only view of the vectors FAISS holds in RAM (the snapshot keeps the index alive): exact searches over
+    # allow-lists gather from here instead of a memory-mapped file that can page-fault.
+    vectors = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * meta["dim"]).reshape(storage.ntotal, meta["dim"])
+    vectors.flags.writeable = False
     return _Snapshot(
         name=vdir.name, version=meta["version"], dim=meta["dim"], kind=meta["kind"], row_ids=row_ids,
         live_bits=None if live.all() else np.packbits(live, bitorder="little"),
         sorted_ids=sorted_ids, sorted_rows=live_rows[order], id_to_row=id_to_row, vectors=vectors, index=index,
-        bm25=BM25Scorer.build(counts, terms=terms, live=live), ef_search=meta.get("ef_search", 96),
+        bm25=BM25Scorer.build(counts, terms=terms, live=live), ef_search=meta.get("ef_search", 128),
     )
 
 
