@@ -21,8 +21,8 @@ TASK_QUEUES = {
     TASK_EMBED: QUEUE_EMBED,
     TASK_INDEX: QUEUE_INDEX,
     TASK_INDEX_DELETE: QUEUE_INDEX,
+    TASK_RESUME_STALLED: QUEUE_INGEST,
 }
 
-# Lock keys (fcntl locks under DATA_DIR/locks/, one writer each).
-LOCK_INDEX_WRITER = "index-writer"
-LOCK_FINGERPRINTS = "paragraph-fingerprints"
+# Locks: the one index writer holds an fcntl lock on INDEX_DIR/.lock (ingestion.index.IndexWriter);
+# paragraph fingerprint counts need none (atomic F() updates in the DB).
