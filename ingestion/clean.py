@@ -107,7 +107,7 @@ def clean_elements(elements: Iterable[Element], *, boilerplate: set[str] | froze
             first_page_index.setdefault(el.page, i)
             last_page_index[el.page] = i
     for i, el in enumerate(items):
-        if i in running or _PAGE_NO.match(el.text):
+        if i in running or (el.type not in ("Table", "Title") and _PAGE_NO.match(el.text)):
             continue
         text = clean_text(el.text, keep_lines=el.type == "Table")
         if not text:
