@@ -72,7 +72,7 @@ def int8_dynamic_cosine(texts: list[str], ref: np.ndarray) -> float:
     """Cosine of torch's dynamic int8 linear quantization to the float vectors (the accept/reject check)."""
     from modelcore.embed import load_embedder
 
-    emb = load_embedder()
+    emb = load_embedder(dtype="float32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         emb.model = torch.ao.quantization.quantize_dynamic(emb.model, {torch.nn.Linear}, dtype=torch.qint8)
