@@ -184,9 +184,9 @@ class Int4Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """nn.Embedding with int8 per-row weights (a gather, then one multiply)."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, *, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
-        q, s = quantize_int8(weight)
+        q, s = quantized if quantized is not None else quantize_int8(weight)
         self.num_embeddings, self.embedding_dim = q.shape
         self.out_dtype = dtype
         self.register_buffer("weight", q)
@@ -227,6 +227,8 @@ def quantize_model(
 ) -> nn.Module:
     """Swap every nn.Linear (and nn.Embedding when `quantize_embeddings`) for its quantized twin, in place.
 
+    Embeddings become int8 per row in both modes (GGUF files keep them at Q8_0 too); an output head tied to
+    them becomes an Int8Linear over the SAME int8 tensor, so tied weights stay stored once.
     `prequantized` maps `"{linear}.weight"` to ready int4 codes (from a Q4_0/Q4_1 GGUF tensor); those linears
     may still hold meta weights. Returns `model`.
     """
@@ -235,24 +237,30 @@ def quantize_model(
     if mode not in MODES:
         raise ValueError(f"quantization must be None, 'int8' or 'int4', got {mode!r}")
     prequantized = dict(prequantized or {})
+    int8_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(float embedding weight) -> (q, scales)
+    if quantize_embeddings:
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.Embedding):
+                    qs = int8_of.setdefault(id(child.weight), quantize_int8(child.weight))
+                    setattr(parent, child_name, Int8Embedding(child.weight, child.weight.dtype, quantized=qs))
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            new: nn.Module | None = None
-            if isinstance(child, nn.Linear):
-                pre = prequantized.pop(f"{full}.weight", None)
-                if mode == "int8":
-                    new = Int8Linear.from_linear(child, kernel=kernel)
-                elif pre is not None and pre.group_size == group_size:
-                    new = Int4Linear(pre, child.bias, kernel=kernel)
-                else:
-                    lin = child if pre is None else _float_linear(pre, child.bias)
-                    new = Int4Linear.from_linear(lin, group_size=group_size, kernel=kernel)
-            elif isinstance(child, nn.Embedding) and quantize_embeddings:
-                dt = child.weight.dtype
-                new = Int8Embedding(child.weight, dt) if mode == "int8" else Int4Embedding(child.weight, dt, group_size=group_size)
-            if new is not None:
-                setattr(parent, child_name, new)
+            if not isinstance(child, nn.Linear):
+                continue
+            pre = prequantized.pop(f"{full}.weight", None)
+            tied = int8_of.get(id(child.weight))
+            if tied is not None:
+                new: nn.Module = Int8Linear(tied[0], tied[1], child.bias, kernel=kernel)
+            elif mode == "int8":
+                new = Int8Linear.from_linear(child, kernel=kernel)
+            elif pre is not None and pre.group_size == group_size:
+                new = Int4Linear(pre, child.bias, kernel=kernel)
+            else:
+                lin = child if pre is None else _float_linear(pre, child.bias)
+                new = Int4Linear.from_linear(lin, group_size=group_size, kernel=kernel)
+            setattr(parent, child_name, new)
     if prequantized:
         raise ValueError(f"prequantized weights for unknown linears: {sorted(prequantized)[:5]}")
     model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}

@@ -114,6 +114,9 @@ def test_quantize_model_logits_close(mode: str, floor: float) -> None:
     kinds = {type(m).__name__ for m in model.modules()}
     assert ("Int8Linear" if mode == "int8" else "Int4Linear") in kinds and not any(type(m) is nn.Linear for m in model.modules())
     assert model.dtype == torch.float32  # the KV cache still gets a float dtype
+    # embeddings are int8 in both modes, and the tied head reads the very same int8 tensor
+    assert isinstance(model.model.embed_tokens, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
     assert float(cos.min()) >= floor, float(cos.min())
     assert quantized_nbytes(model) < float_bytes * (0.3 if mode == "int8" else 0.2)
