@@ -132,6 +132,10 @@ def test_bad_input_is_refused_clearly(emb) -> None:
 
 
 def test_default_locations_and_env_override(tmp_path: Path) -> None:
+    from modelcore.defaults import default_generator_path
+
+    gguf = default_generator_path()
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.is_file()
     folder = default_encoder_path()
     assert (folder / "model.safetensors").is_file() and folder.parent.name == ENCODER.package
     with pytest.raises(DefaultModelMissing, match="pip install no-such-kd-wheel"):

@@ -133,3 +133,12 @@ def test_failure_inside_the_worker_fails_only_that_request(eng: Engine) -> None:
     assert broken.finish_reason == "error" and isinstance(broken.error, IndexError)
     assert running.wait(timeout=120) and running.error is None and running.text == _alone(eng, QUESTIONS[4])
     assert eng.generate("Say hello.", max_new_tokens=4)  # the worker still serves
+
+
+def test_repetition_penalty_matches_generate(eng: Engine) -> None:
+    ids = eng.tokenizer.apply_chat_template(_chat(QUESTIONS[2]), add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    out = eng.model.generate(ids, max_new_tokens=N_NEW, repetition_penalty=1.3)[0, ids.shape[1]:].tolist()
+    cut = next((i for i, t in enumerate(out) if t in set(eng.eos_token_ids)), len(out))
+    want = eng.tokenizer.decode(out[:cut], skip_special_tokens=True).rstrip("\ufffd")
+    got = _concurrently(lambda i: eng.generate(_chat(QUESTIONS[2 + i]), max_new_tokens=N_NEW, repetition_penalty=1.3), 2)
+    assert got[0] == want and got[0] != _alone(eng, QUESTIONS[2])
