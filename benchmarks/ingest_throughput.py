@@ -8,6 +8,7 @@ file in bad/ ends failed with a reason.
     .venv/bin/python benchmarks/ingest_throughput.py                 # corpus/financial
     .venv/bin/python benchmarks/ingest_throughput.py --corpus all    # every folder, with the checks
     .venv/bin/python benchmarks/ingest_throughput.py --corpus formats,multilingual,bad --out /tmp/check.json
+    .venv/bin/python benchmarks/ingest_throughput.py --corpus long --until chunk --out /tmp/long.json  # no embedding
 Figures go to benchmarks/results/ingest_throughput.json (or --out).
 """
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> int:
     parser.add_argument("--corpus", default="financial", help=f"comma-separated folders of {', '.join(FOLDERS)}, or 'all'")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest_throughput.json"))
     parser.add_argument("--data-dir", help="keep the data folder here (default: a temp folder)")
+    parser.add_argument("--until", default="index", choices=("chunk", "index"),
+                        help="stop after this stage (chunk: check partition/clean/chunk of big files without embedding)")
     args = parser.parse_args()
     folders = FOLDERS if args.corpus == "all" else tuple(f.strip() for f in args.corpus.split(",") if f.strip())
     unknown = set(folders) - set(FOLDERS)
@@ -76,11 +79,12 @@ def main() -> int:
     owner = get_user_model().objects.create_superuser("bench", password="bench-password-1")
     stage_s: dict[str, float] = defaultdict(float)
     per_doc, problems = [], []
+    finished = Status.EMBEDDING if args.until == "chunk" else Status.INDEXED  # where a good document ends
     total_t = time.perf_counter()
     for folder, path in files:
         doc = services.document_accept(uploader=owner, path=path, filename=path.name, visibility="firm", enqueue=False).document
         times = {}
-        for stage, run in STAGES:
+        for stage, run in STAGES[: 3 if args.until == "chunk" else 5]:
             t = time.perf_counter()
             try:
                 run(document_id=doc.pk)
@@ -92,20 +96,20 @@ def main() -> int:
         doc.refresh_from_db()
         chunks = list(doc.chunks.values_list("page_start", "page_end"))
         ok_pages = all(1 <= (s or 0) <= (e or 0) <= max(doc.page_count, 1) for s, e in chunks)
-        if doc.status == Status.INDEXED:  # only finished documents count towards throughput
+        if doc.status == finished:  # only finished documents count towards throughput
             for stage, secs in times.items():
                 stage_s[stage] += secs
         row = {"folder": folder, "file": path.name, "status": doc.status, "reason": doc.status_reason,
                "pages": doc.page_count, "chunks": len(chunks), "pages_valid": ok_pages,
                "seconds": {k: round(v, 3) for k, v in times.items()}}
         per_doc.append(row)
-        want = Status.FAILED if folder == "bad" and path.name not in READABLE_DESPITE_DAMAGE else Status.INDEXED
-        if doc.status != want or (want == Status.INDEXED and (not chunks or not ok_pages)) or (want == Status.FAILED and not doc.status_reason):
+        want = Status.FAILED if folder == "bad" and path.name not in READABLE_DESPITE_DAMAGE else finished
+        if doc.status != want or (want == finished and (not chunks or not ok_pages)) or (want == Status.FAILED and not doc.status_reason):
             problems.append(f"{folder}/{path.name}: {doc.status} {doc.status_reason[:120]}")
         print(f"{folder}/{path.name}: {doc.status} pages={doc.page_count} chunks={len(chunks)} "
               f"{sum(times.values()):.1f}s {doc.status_reason[:100]}", flush=True)
     wall = time.perf_counter() - total_t
-    indexed = [r for r in per_doc if r["status"] == Status.INDEXED]
+    indexed = [r for r in per_doc if r["status"] == finished]
     pages = sum(r["pages"] for r in indexed)
     chunks = sum(r["chunks"] for r in indexed)
     busy = sum(stage_s.values())
@@ -113,6 +117,7 @@ def main() -> int:
         "benchmark": "ingest_throughput",
         "command": "python benchmarks/ingest_throughput.py " + " ".join(sys.argv[1:]),
         "corpus": list(folders),
+        "until": args.until,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": list(os.getloadavg())},
         "embedder": {"name": emb.name, "dim": emb.dim, "load_s": round(load_s, 2)},
