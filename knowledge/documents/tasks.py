@@ -8,6 +8,7 @@ acks_late and reject_on_worker_lost are set in settings: a killed worker's task 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 
 from celery import chain, shared_task
@@ -32,7 +33,10 @@ def _backoff(retries: int) -> float:
 
 
 def embed_budget_s() -> float:
-    """Embed for at most half the soft time limit per task, then hand on to a fresh task."""
+    """Embed for at most half the soft time limit per task (KD_EMBED_TASK_BUDGET_S overrides), then hand on."""
+    override = os.environ.get("KD_EMBED_TASK_BUDGET_S")
+    if override not in (None, ""):
+        return float(override)
     return max(30.0, float(settings.CELERY_TASK_SOFT_TIME_LIMIT) / 2)
 
 

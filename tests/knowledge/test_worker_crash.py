@@ -53,7 +53,9 @@ def test_sigkill_during_embed_then_restart_finishes_with_the_same_chunks(
 
         # The broker hands the unacknowledged task back once its visibility timeout (8 s here) has passed.
         time.sleep(max(0.0, 9 - (time.monotonic() - killed_at)))
-        second = Worker(data_dir=data_dir, broker_url=REDIS_URL, env={"KD_EMBED_BATCH": str(BATCH)}).start()
+        # The second worker also hands embedding on to a fresh task after every batch (the path very long documents take).
+        second = Worker(data_dir=data_dir, broker_url=REDIS_URL,
+                        env={"KD_EMBED_BATCH": str(BATCH), "KD_EMBED_TASK_BUDGET_S": "0"}).start()
         wait_for(lambda: Document.objects.get(pk=doc.pk).status in (Status.INDEXED, Status.FAILED), timeout=300,
                  what="the document to finish after the restart", worker=second)
         doc.refresh_from_db()
@@ -66,6 +68,8 @@ def test_sigkill_during_embed_then_restart_finishes_with_the_same_chunks(
         snap = IndexReader(data_dir / "index")._snapshot()
         live = sorted(int(i) for i in snap.row_ids if i >= 0)
         assert live == sorted(c.pk for c in chunks)  # every chunk once, nothing else
+        embed_tasks = second.log.read_text().count("documents.embed[")
+        assert embed_tasks >= 2 * 2, second.tail()  # received + succeeded lines: at least two embed tasks ran
     finally:
         first.kill()
         if second is not None:
