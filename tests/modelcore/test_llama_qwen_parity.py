@@ -41,6 +41,9 @@ def test_prefill_and_cached_decode_match_transformers(variant, tiny_checkpoints,
         our_prefill = ours(ids, attention_mask=mask).logits
     real = mask.bool()
     assert_close(our_prefill[real], ref_prefill[real], atol=ATOL, rtol=0)
+    with torch.no_grad():  # final-norm hidden states, what decoder embeddings pool
+        ref_hidden = hf.model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).last_hidden_state
+        assert_close(ours.hidden_states(ids, attention_mask=mask)[real], ref_hidden[real], atol=ATOL, rtol=0)
 
     # 16 KV-cached decode steps, teacher-forced on the reference's greedy tokens
     new_tokens = ref.sequences[:, ids.shape[1]:]
