@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -73,3 +74,17 @@ def test_evaluate_retrieval_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match="not found"):
         call_command("evaluate_retrieval", "--shared", str(tmp_path), "--out", str(tmp_path / "x.json"))
     assert not (tmp_path / "x.json").exists()
+
+
+def test_multilingual_e5_candidate_matches_chinese_question_to_its_passage() -> None:
+    from ingestion.evaluation import load_candidate
+
+    cand = load_candidate("multilingual-e5-small")
+    passages = ["公司2019年营业收入增长了百分之十，净利润创历史新高。", "今天上海天气晴朗，适合户外运动。", "该球队在联赛中获得了冠军。"]
+    p = cand.passages(passages)
+    q = cand.queries(["公司的营业收入增长了多少？", "哪支球队赢得了冠军？"])
+    assert p.shape == (3, cand.dim) and q.shape == (2, cand.dim)
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0, atol=1e-3)
+    assert (q @ p.T).argmax(axis=1).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="unknown embedder"):
+        load_candidate("word2vec")
