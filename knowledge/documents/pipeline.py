@@ -99,18 +99,20 @@ def _truncated_json_check(*, path: Path, document: Document) -> None:
     """Text that is JSON data but does not parse is a cut-off export, not prose: say so."""
     if not document.content_type.startswith(("text/", "application/json")) or document.size > JSON_CHECK_MAX_BYTES:
         return
-    raw = path.read_bytes().lstrip()
-    if not raw[:1] in (b"{", b"["):
+    raw = path.read_bytes().strip()
+    if raw[:1] not in (b"{", b"["):
         return
     try:
-        json.loads(raw.decode("utf-8-sig"))
+        text = raw.decode("utf-8-sig")
+        json.loads(text)
     except UnicodeDecodeError:
         return
-    except ValueError as exc:
-        raise StageError(
-            f"The file holds JSON data that is cut off or malformed ({exc.msg} at line {exc.lineno}); "
-            "upload the complete file."
-        ) from None
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(text) - 1:  # parsed well up to the very end: cut off (prose like "[1] Note" fails at once)
+            raise StageError(
+                f"The file holds JSON data that is cut off ({exc.msg} at line {exc.lineno}, its end); "
+                "upload the complete file."
+            ) from None
 
 
 def _partitioned(*, document: Document):

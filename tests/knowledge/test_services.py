@@ -190,3 +190,19 @@ def test_embedding_a_long_document_goes_on_in_steps_when_the_budget_runs_out(mak
     assert embed_run(document_id=doc.pk, budget_s=None)
     assert not Chunk.objects.filter(document=doc, vector__isnull=True).exists()
     assert Document.objects.get(pk=doc.pk).status == Status.INDEXING
+
+
+def test_cut_off_json_fails_but_text_opening_with_a_bracket_reads(make_user, data_dir, write_report):
+    from knowledge.documents.pipeline import StageError, partition_run
+
+    owner = make_user("ann")
+    cut = write_report("export.txt", '{\n  "company": "Acme",\n  "revenue": [1, 2,\n')
+    doc = services.document_accept(uploader=owner, path=cut, filename=cut.name, enqueue=False).document
+    with pytest.raises(StageError, match="cut off"):
+        partition_run(document_id=doc.pk)
+    for name, text in [("links.md", "[Home](index.html) quarterly notes on revenue.\n"),
+                       ("notes.txt", "[1] Revenue grew in the quarter.\n")]:
+        path = write_report(name, text)
+        doc = services.document_accept(uploader=owner, path=path, filename=name, enqueue=False).document
+        assert partition_run(document_id=doc.pk)
+        assert Document.objects.get(pk=doc.pk).status == Status.CLEANING
