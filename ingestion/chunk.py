@@ -134,9 +134,10 @@ class _Unit:
     new_element: bool  # starts a new element (joined with a newline)
     carry: bool  # may be repeated as overlap
     path: tuple[str, ...] = ()  # heading path of the section the unit belongs to
+    whole: bool = False  # a whole multi-sentence element, split into sentences only when needed
 
 
-def _table_units(el: Element, *, count_tokens: Callable[[str], int], max_tokens: int) -> list[_Unit]:
+def _table_units(el: Element, *, count_tokens: Callable[[str], int], max_tokens: int, additive: bool = False) -> list[_Unit]:
     rows = table_rows(el)
     whole = "\n".join(rows)
     n = count_tokens(whole)
@@ -144,33 +145,64 @@ def _table_units(el: Element, *, count_tokens: Callable[[str], int], max_tokens:
         return [_Unit(whole, "Table", el.page, n, True, False)]
     header, body = rows[0], rows[1:]
     special = count_tokens("")  # [CLS]/[SEP]-style tokens counted once per text
-    parts: list[str] = []
+    parts: list[tuple[str, int]] = []  # (text, tokens when the tokenizer is additive)
     cur: list[str] = []
-    used = count_tokens(header)
+    header_tokens = count_tokens(header)
+    used = header_tokens
     for row in body:
         row_tokens = count_tokens(row) - special
         if cur and used + row_tokens > max_tokens:
-            parts.append("\n".join([header, *cur]))
-            cur, used = [], count_tokens(header)
+            parts.append(("\n".join([header, *cur]), used))
+            cur, used = [], header_tokens
         cur.append(row)
         used += row_tokens
     if cur:
-        parts.append("\n".join([header, *cur]))
+        parts.append(("\n".join([header, *cur]), used))
     units: list[_Unit] = []
-    for part in parts:
+    for part, tokens in parts:
+        if additive and tokens <= max_tokens:  # summed row counts are exact: no second pass
+            units.append(_Unit(part, "Table", el.page, tokens, True, False))
+            continue
         for piece in _fit(part, count_tokens=count_tokens, max_tokens=max_tokens):
             units.append(_Unit(piece, "Table", el.page, count_tokens(piece), True, False))
     return units
 
 
-def _units(el: Element, *, count_tokens: Callable[[str], int], max_tokens: int) -> list[_Unit]:
-    if el.type == "Table":
-        return _table_units(el, count_tokens=count_tokens, max_tokens=max_tokens)
+def _sentence_units(text: str, *, kind: str, page: int, count_tokens: Callable[[str], int], max_tokens: int) -> list[_Unit]:
     units: list[_Unit] = []
-    for sentence in split_sentences(el.text):
+    for sentence in split_sentences(text):
         for piece in _fit(sentence, count_tokens=count_tokens, max_tokens=max_tokens):
-            units.append(_Unit(piece, el.type, el.page, count_tokens(piece), not units, el.type != "Title"))
+            units.append(_Unit(piece, kind, page, count_tokens(piece), not units, kind != "Title"))
     return units
+
+
+def _units(el: Element, *, count_tokens: Callable[[str], int], max_tokens: int, additive: bool = False) -> list[_Unit]:
+    """One unit per element where it fits (counted once); sentences only for elements over the budget."""
+    if el.type == "Table":
+        return _table_units(el, count_tokens=count_tokens, max_tokens=max_tokens, additive=additive)
+    text = " ".join(el.text.split()) if not any(_is_cjk(ch) for ch in el.text[:50]) else el.text.strip()
+    n = count_tokens(text)
+    if n <= max_tokens and el.type != "Title":
+        return [_Unit(text, el.type, el.page, n, True, True, whole=True)]
+    return _sentence_units(el.text, kind=el.type, page=el.page, count_tokens=count_tokens, max_tokens=max_tokens)
+
+
+_PROBES = (("Net sales rose 4%.", "Costs fell."), ("Revenue", "grew in Q2"), ("营业收入增长。", "净利润下降。"),
+           ("Total 1,200", "Cash $ 28,408"), ("co-operation", "re-invest"))
+
+
+def is_additive(count_tokens: Callable[[str], int]) -> bool:
+    """True when count(a + sep + b) == count(a) + count(b) - specials for our joins (WordPiece-like tokenizers).
+
+    Then a chunk's token count is the sum of its units' counts and need not be re-tokenised; byte-level BPE
+    and SentencePiece tokenizers fail the probe (they tokenise the separator) and get exact counts.
+    """
+    special = count_tokens("")
+    for a, b in _PROBES:
+        for joined in (a + "\n" + b, _join(a, b)):
+            if count_tokens(joined) != count_tokens(a) + count_tokens(b) - special:
+                return False
+    return True
 
 
 class _Packer:
@@ -184,6 +216,7 @@ class _Packer:
         self.buf: list[_Unit] = []
         self.n_carried = 0  # leading units of buf that repeat the previous chunk
         self.special = count_tokens("")
+        self.additive = is_additive(count_tokens)
 
     def _text(self, units: list[_Unit]) -> str:
         text = ""
@@ -195,7 +228,23 @@ class _Packer:
         """Would buf + unit pass the budget? Each unit's count includes the per-text special tokens once."""
         return sum(u.tokens - self.special for u in self.buf) + unit.tokens > self.max_tokens
 
+    def _split(self, unit: _Unit) -> list[_Unit]:
+        """The sentences of a whole-element unit, carrying its page and heading path."""
+        parts = _sentence_units(unit.text, kind=unit.type, page=unit.page, count_tokens=self.count_tokens,
+                                max_tokens=self.max_tokens)
+        for p in parts:
+            p.path = unit.path
+        if parts:
+            parts[0].new_element = unit.new_element
+        return parts
+
     def add(self, unit: _Unit) -> None:
+        if self.buf and self._over(unit) and unit.whole:
+            parts = self._split(unit)  # fill the current chunk sentence by sentence
+            if len(parts) > 1:
+                for part in parts:
+                    self.add(part)
+                return
         if self.buf and self._over(unit):
             if len(self.buf) > self.n_carried:
                 self.emit(keep_overlap=True)
@@ -211,7 +260,10 @@ class _Packer:
         if len(self.buf) > self.n_carried:
             units = self.buf
             text = self._text(units)
-            tokens = self.count_tokens(text)
+            if self.additive:
+                tokens = sum(u.tokens - self.special for u in units) + self.special
+            else:
+                tokens = self.count_tokens(text)
             while tokens > self.max_tokens and len(units) > 1:  # joined text tokenised longer than its parts
                 units = units[:-1]
                 text = self._text(units)
@@ -232,13 +284,21 @@ class _Packer:
         if keep_overlap and self.overlap_tokens > 0:
             total = 0
             for u in reversed(self.buf):
-                if not u.carry or total + u.tokens > self.overlap_tokens:
+                if not u.carry:
+                    break
+                if total + u.tokens > self.overlap_tokens:
+                    if u.whole:  # repeat the paragraph's last sentences, not all of it
+                        for part in reversed(self._split(u)):
+                            if total + part.tokens > self.overlap_tokens:
+                                break
+                            carried.insert(0, part)
+                            total += part.tokens
                     break
                 carried.insert(0, u)
                 total += u.tokens
         if carried:
             c0 = carried[0]
-            carried[0] = _Unit(c0.text, c0.type, c0.page, c0.tokens, True, True, c0.path)
+            carried[0] = _Unit(c0.text, c0.type, c0.page, c0.tokens, True, True, c0.path, c0.whole)
         self.buf, self.n_carried = carried, len(carried)
 
 
@@ -265,7 +325,7 @@ def chunk_elements(
                 stack.pop()
             stack.append((level, " ".join(el.text.split())[:200]))
         path = tuple(t for _, t in stack)
-        for unit in _units(el, count_tokens=count_tokens, max_tokens=max_tokens):
+        for unit in _units(el, count_tokens=count_tokens, max_tokens=max_tokens, additive=packer.additive):
             unit.path = path
             packer.add(unit)
     packer.emit(keep_overlap=False)

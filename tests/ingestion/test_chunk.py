@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestion.chunk import chunk_elements, split_sentences
+from ingestion.chunk import chunk_elements, is_additive, split_sentences
 from ingestion.clean import clean_elements, clean_text
 from ingestion.elements import Element
 from ingestion.partition import partition_file
@@ -141,7 +141,7 @@ def _assert_chinese_chunks(chunks, passages: list[str], count_tokens: Count, max
         boundaries.append(offs)
     assert len(chunks) > len(passages)
     for c in chunks:
-        assert c.token_count <= max_tokens and "\ufffd" not in c.text
+        assert c.token_count <= max_tokens and c.token_count == count_tokens(c.text) and "\ufffd" not in c.text
         for piece in c.text.split("\n"):
             piece = re.sub(r"\s+", "", piece)
             if piece == title:
@@ -205,3 +205,14 @@ def test_overlong_chinese_sentence_split_on_clauses(count_tokens: Count) -> None
 def test_bad_budget_rejected(count_tokens: Count) -> None:
     with pytest.raises(ValueError, match="overlap_tokens < max_tokens"):
         chunk_elements([], count_tokens=count_tokens, max_tokens=32, overlap_tokens=32)
+
+
+def test_token_counts_exact_for_non_additive_tokenizers(corpus: Path, count_tokens: Count) -> None:
+    """MiniLM's WordPiece is additive over our joins (counts summed); a char counter is not (re-counted)."""
+    assert is_additive(count_tokens)
+    chars: Count = len
+    assert not is_additive(chars)
+    cleaned = clean_elements(partition_file(corpus / "financial" / "COSTCO_2023Q3_EARNINGS.pdf")[0])
+    chunks = chunk_elements(cleaned, count_tokens=chars, max_tokens=400, overlap_tokens=60)
+    assert len(chunks) > 10
+    assert all(c.token_count == len(c.text) <= 400 for c in chunks)
