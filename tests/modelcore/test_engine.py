@@ -16,7 +16,7 @@ QUESTIONS = [
     "什么是资产负债表？",
     "What does a CFO do?",
 ]
-N_NEW = 20
+N_NEW = 16
 
 
 @pytest.fixture(scope="module")
