@@ -135,3 +135,15 @@ def test_cli_generate_on_a_saved_model(tiny_llama):
     bad = subprocess.run([sys.executable, "-m", "modelcore", "generate", "--model", "/nonexistent/model", "--prompt", "x"],
                          capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_cli_chat_renders_the_template_and_streams_a_reply(tiny_llama):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true"}
+    cmd = [sys.executable, "-m", "modelcore", "chat", "--model", str(tiny_llama), "--max-new-tokens", "6"]
+    res = subprocess.run(cmd, input="What is EBITDA?\n\n", capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    model = AutoModel.from_pretrained(tiny_llama, device_map="cpu")
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is EBITDA?"}], add_generation_prompt=True,
+                                              return_tensors="pt")
+    reply = "".join(model.stream(ids, max_new_tokens=6))
+    assert res.stdout.startswith("> " + reply + "\n> ")
