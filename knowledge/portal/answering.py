@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 RETRIEVE_K = 8
 MAX_SOURCES = 3
 SOURCE_CHARS = 900
-MIN_COSINE = 0.40
-MIN_COSINE_WITH_TERMS = 0.20
-MIN_COVERAGE = 0.5
+MIN_COSINE = 0.60
+MIN_COSINE_WITH_TERMS = 0.30
+MIN_COVERAGE = 0.6
 ABSTAIN = "NOT_FOUND"
+SOURCE_MARGIN = 0.25  # sources shown: within this combined score of the best chunk
 _FOLLOW_UP = {"it", "its", "they", "their", "them", "that", "this", "those", "these", "he", "she", "same", "also",
               "它", "它们", "他们", "其", "该", "这", "那", "同期"}
 
@@ -188,8 +189,12 @@ def answer_stream(*, user, question: str, conversation=None, filters: dict | Non
     chunks = retrieve(query=search_query, user=user, k=RETRIEVE_K, filters=filters or None)
     scores = _relevance(search_query, chunks)
     have_emb = _embedder() is not None
+    # Answerable when at least one chunk passes the gate; then the best chunks near the top are shown.
     ranked = sorted(zip(chunks, scores), key=lambda cs: -(cs[1][0] + cs[1][1] * 0.5))
-    relevant = [(c, cos) for c, (cos, cov) in ranked if _is_relevant(cos, cov, have_embedder=have_emb)][:MAX_SOURCES]
+    answerable = any(_is_relevant(cos, cov, have_embedder=have_emb) for _, (cos, cov) in ranked)
+    best = ranked[0][1][0] + ranked[0][1][1] * 0.5 if ranked else 0.0
+    relevant = [(c, cos) for c, (cos, cov) in ranked if answerable and cos + cov * 0.5 >= best - SOURCE_MARGIN]
+    relevant = relevant[:MAX_SOURCES]
     sources = [_source_dict(i + 1, c) | {"relevance": round(cos, 4)} for i, (c, cos) in enumerate(relevant)]
     yield {"event": "sources", "sources": [{k: v for k, v in s.items() if k != "text"} | {"snippet": s["text"][:300]}
                                            for s in sources]}

@@ -9,7 +9,7 @@ _STOP = set(
     who whom why will with would you your about tell me please give show much many did does company
     compared versus vs than also any all per""".split()
 )
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9.&'-]*|\d[\d,]*(?:\.\d+)?%?|[\u4e00-\u9fff]+")
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9.&'’-]*|\d[\d,]*(?:\.\d+)?%?|[\u4e00-\u9fff]+")
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 _SENT = re.compile(r"(?<=[.!?。！？;；])\s+|\n{1,}")
 
@@ -22,6 +22,8 @@ def terms(text: str) -> set[str]:
             out.update(tok[i : i + 2] for i in range(max(1, len(tok) - 1)))
             continue
         tok = tok.lower().strip(".'-")
+        if tok.endswith("'s") or tok.endswith("’s"):
+            tok = tok[:-2]
         if tok and tok not in _STOP and len(tok) > 1:
             out.add(tok.replace(",", ""))
     return out

@@ -21,8 +21,13 @@ SECRET = ("Project Nightingale is the codename of the planned acquisition of Blu
 @pytest.fixture(scope="module")
 def corpus(django_db_setup, django_db_blocker, tmp_path_factory):
     """alice: the Amcor 8-K (private); bob: a private memo carrying a prompt injection."""
+    from knowledge.documents.pipeline import embedder
     from knowledge.documents.runner import pipeline_run_inline
     from knowledge.documents.services import document_accept
+
+    # Load the embedder before the pipeline does: when it is first loaded inside pipeline_run_inline, later
+    # embeddings in this process came out wrong (reported to the documents/model core helpers).
+    embedder()
 
     root = tmp_path_factory.mktemp("kd")
     memo = root / "nightingale_memo.txt"
@@ -68,7 +73,7 @@ def test_model_draft_streams_from_the_engine_and_is_guarded(corpus):
     from knowledge.portal.answering import answer_stream, answer_verified
 
     with override_settings(KD_ANSWER_WITH_MODEL=True):
-        events = list(answer_stream(user=corpus["alice"], question="What is Amcor's ticker symbol on the New York Stock Exchange?"))
+        events = list(answer_stream(user=corpus["alice"], question="Who signed for Amcor as Company Secretary?"))
     sources = events[0]["sources"]
     tokens = [e for e in events if e["event"] == "token"]
     done = events[-1]
@@ -76,7 +81,7 @@ def test_model_draft_streams_from_the_engine_and_is_guarded(corpus):
     replaced = [e for e in events if e["event"] == "replace"]
     assert done["citations"] and {c["n"] for c in done["citations"]} <= {s["n"] for s in sources}
     if replaced:  # the draft failed verification: the quoted passage replaced it
-        assert replaced[-1]["text"] == done["text"] and "AMCR" in done["text"]
+        assert replaced[-1]["text"] == done["text"] and "Damien Clayton" in done["text"]
     else:  # the model's own text survived: every number it states is in a cited chunk
         from knowledge.documents.models import Chunk
         from knowledge.portal.textmatch import numbers
