@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 
 import pytest
@@ -46,6 +47,22 @@ def _generated_bad(folder):
     return sorted(folder.iterdir())
 
 
+def _squash(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "", text.lower())
+
+
+def _assert_pages_hold_chunks(path, chunks) -> None:
+    """Right pages, checked against an independent reader (pypdf): a chunk's words are on its pages."""
+    import pypdf
+
+    pages = [_squash(p.extract_text() or "") for p in pypdf.PdfReader(path).pages]
+    for c in chunks:
+        words = re.findall(r"[A-Za-z]{4,}", c.text)[:6]
+        span = "".join(pages[c.page_start - 1 : c.page_end])
+        missing = [w for w in words if _squash(w) not in span]
+        assert not missing, (path.name, c.ordinal, c.page_start, c.page_end, missing)
+
+
 def test_worker_indexes_each_format_and_fails_bad_files_cleanly(on_workers, make_user, shared_dir, tmp_path):
     owner = make_user("ann")
     assert workers_up()  # the heartbeat of the worker started for this module
@@ -78,6 +95,8 @@ def test_worker_indexes_each_format_and_fails_bad_files_cleanly(on_workers, make
             assert [c.ordinal for c in chunks] == list(range(len(chunks)))
             assert doc.page_count >= 1 and doc.pages.exists()
             assert all(1 <= c.page_start <= c.page_end <= doc.page_count for c in chunks), path.name
+            if path.suffix == ".pdf":
+                _assert_pages_hold_chunks(path, chunks)
 
     # Served from the index the worker published.
     amcor = docs[corpus / GOOD[0]]
