@@ -6,7 +6,9 @@ With DATABASE_URL pointing at PostgreSQL the worker simply gets the test databas
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +32,9 @@ PIPELINE_QUEUES = "ingest,embed,index"
 _db = settings.DATABASES["default"]
 if _db["ENGINE"].endswith("sqlite3"):
     # Set at collection time, before pytest-django creates the test DB: a file the workers can open.
-    _db.setdefault("TEST", {})["NAME"] = str(Path(tempfile.mkdtemp(prefix="kd-test-db-")) / "test.sqlite3")
+    _db_dir = tempfile.mkdtemp(prefix="kd-test-db-")
+    atexit.register(shutil.rmtree, _db_dir, ignore_errors=True)
+    _db.setdefault("TEST", {})["NAME"] = str(Path(_db_dir) / "test.sqlite3")
 
 
 def database_url() -> str:
