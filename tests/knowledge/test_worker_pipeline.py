@@ -127,3 +127,16 @@ def test_ingest_command_goes_through_the_workers_when_they_are_up(on_workers, ma
     doc = Document.objects.get(original_name="via-workers.md")
     assert out.getvalue().splitlines() == [f"{path}: indexed as document {doc.pk} ({doc.chunks.count()} chunks, 1 pages)",
                                            "1 indexed, 0 duplicate, 0 failed"]
+
+    # Deleting it takes its vectors out of the index through the index worker.
+    from ingestion.index import IndexReader
+
+    reader = IndexReader(on_workers.data_dir / "index")
+
+    def live_ids() -> set[int]:
+        return {int(i) for i in reader._snapshot().row_ids if i >= 0}
+
+    ids = set(doc.chunks.values_list("pk", flat=True))
+    assert ids and ids <= live_ids()
+    services.document_delete(document=doc)
+    wait_for(lambda: not (ids & live_ids()), timeout=60, what="the deleted document's vectors to leave the index", worker=on_workers)
