@@ -96,3 +96,12 @@ def test_failed_document_can_be_retried_by_its_owner_only(users, media):
     assert resp.status_code == 200 and resp.json()["status"] == "queued"
     doc.refresh_from_db()
     assert doc.status == "queued"
+
+
+def test_retry_of_a_document_in_progress_is_refused_with_a_reason(users, media):
+    from portal_helpers import make_document
+
+    doc = make_document(owner=users["alice"], media=media, status="embedding")
+    c, token = _csrf_client(users["alice"])
+    resp = c.post(f"/api/documents/{doc.pk}/retry/", HTTP_X_CSRFTOKEN=token)
+    assert resp.status_code == 400 and "Only failed documents" in resp.json()["error"]

@@ -106,8 +106,8 @@ def token_page(request):
     """List, create and revoke the user's API tokens (the key is shown once)."""
     new_key = None
     if request.method == "POST":
-        if request.POST.get("revoke"):
-            ApiToken.objects.filter(user=request.user, pk=request.POST["revoke"]).update(revoked=True)
+        if request.POST.get("revoke", "").isdigit():
+            ApiToken.objects.filter(user=request.user, pk=int(request.POST["revoke"])).update(revoked=True)
         else:
             _, new_key = services.token_create(user=request.user, name=request.POST.get("name", ""))
     return render(request, "portal/tokens.html",

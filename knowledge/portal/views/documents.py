@@ -116,7 +116,11 @@ def document_retry(request, id: int):
     doc = document_or_404(user=request.user, id=id)
     if doc.owner_id != request.user.pk and not request.user.is_superuser:
         raise Http404(_("No such document."))
-    retry(document=doc)
+    try:
+        retry(document=doc)
+    except ValueError as exc:
+        messages.error(request, str(exc))
+        return redirect("portal:document_detail", id=doc.pk)
     if request.headers.get("Accept", "").startswith("application/json"):
         from django.http import JsonResponse
 

@@ -113,6 +113,9 @@ def api_document_retry(request, id: int):
     doc = document_or_404(user=request.user, id=id)
     if doc.owner_id != request.user.pk and not request.user.is_superuser:
         return JsonResponse({"error": _("Only the owner may retry this document.")}, status=403)
-    document_retry(document=doc)
+    try:
+        document_retry(document=doc)
+    except ValueError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
     doc.refresh_from_db()
     return JsonResponse(document_json(doc))
