@@ -243,3 +243,27 @@ def test_spacy_model_loads_offline() -> None:
     with pytest.raises(SpacyModelMissing):
         tokenize._install_spacy_model()  # no download path left
     assert os.environ["DO_NOT_TRACK"] == "true"
+
+
+def test_eml_with_pdf_and_bad_attachments(corpus: Path, tmp_path: Path) -> None:
+    """A PDF attachment is read with its pages; a broken one is reported and loses nothing else."""
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["Subject"] = "Amcor filing attached"
+    msg["From"] = "analyst@example.com"
+    msg["To"] = "desk@example.com"
+    msg.set_content("Please find the 8-K attached. The image named .pdf is a mistake.")
+    msg.add_attachment((corpus / "financial" / "AMCOR_2022_8K_2022-07-01.pdf").read_bytes(),
+                       maintype="application", subtype="pdf", filename="amcor-8k.pdf")
+    msg.add_attachment((corpus / "multilingual" / "chi_sim_image.jpeg").read_bytes(),
+                       maintype="application", subtype="pdf", filename="not-really.pdf")
+    path = tmp_path / "mail.eml"
+    path.write_bytes(bytes(msg))
+    elements, info = partition_file(path)
+    records = {a["filename"]: a for a in info["attachments"]}
+    assert records["amcor-8k.pdf"]["error"] is None and records["amcor-8k.pdf"]["elements"] > 20
+    assert records["not-really.pdf"]["error"].startswith("file content is a JPEG image but the name says .pdf")
+    assert any("Please find the 8-K attached." in e.text for e in elements)
+    assert any("Date of Report" in e.text and e.page == 1 for e in elements)
+    assert max(e.page for e in elements) > 1  # attachment pages kept
