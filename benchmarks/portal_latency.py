@@ -121,7 +121,7 @@ def main() -> None:
         "command": "benchmarks/portal_latency.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / "portal_latency.json"
+    out = ROOT / "benchmarks" / "results" / ("portal_latency_extractive.json" if args.no_model else "portal_latency.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
