@@ -91,6 +91,20 @@ def test_model_draft_streams_from_the_engine_and_is_guarded(corpus):
 
 
 @pytest.mark.django_db
+def test_filters_narrow_what_is_retrieved(corpus):
+    q = "Who signed for Amcor as Company Secretary?"
+    assert answer_compose(user=corpus["alice"], question=q, filters={"company": "Tesla"}).not_found
+    assert answer_compose(user=corpus["alice"], question=q, filters={"date_to": "1999-12-31"}).not_found
+    assert not answer_compose(user=corpus["alice"], question=q, filters={"company": "Amcor"}).not_found
+    c = Client()
+    c.force_login(corpus["alice"])
+    resp = c.post("/api/ask/", data={"question": q, "company": "Tesla"}, content_type="application/json")
+    assert resp.json()["not_found"] is True
+    bad = c.post("/api/ask/", data={"question": q, "date_from": "yesterday"}, content_type="application/json")
+    assert bad.status_code == 400 and "date_from" in bad.json()["error"]
+
+
+@pytest.mark.django_db
 def test_unanswerable_question_says_so(corpus):
     ans = answer_compose(user=corpus["alice"], question="What is the capital of France?")
     assert ans.not_found and not ans.citations and "don't contain" in ans.text
