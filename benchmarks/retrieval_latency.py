@@ -77,19 +77,22 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def bench_size(n: int, *, n_queries: int, ef_values: list[int], workdir: Path, seed: int, build_threads: int) -> dict:
+def bench_size(
+    n: int, *, n_queries: int, ef_values: list[int], workdir: Path, seed: int, build_threads: int, hnsw_m: int, ef_construction: int
+) -> dict:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(n // 500, 50), DIM)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     index_dir = workdir / f"n{n}"
     t0 = time.perf_counter()
-    with IndexWriter.open(index_dir, dim=DIM, build_threads=build_threads) as w:
+    with IndexWriter.open(index_dir, dim=DIM, build_threads=build_threads, hnsw_m=hnsw_m, ef_construction=ef_construction) as w:
         for lo in range(0, n, 100_000):
             m = min(100_000, n - lo)
             w.upsert(np.arange(lo, lo + m, dtype=np.int64), clustered(rng, m, centers), [""] * m)
         gen_s = time.perf_counter() - t0
         w.publish()
     build_s = time.perf_counter() - t0 - gen_s
+    del w  # the writer's copies of vectors and graph
     reader = IndexReader(index_dir, threads=1)
     snap = reader._snapshot()
     queries = clustered(rng, n_queries, centers)
@@ -127,13 +130,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--ef", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     ap.add_argument("--build-threads", type=int, default=2)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--ef-construction", type=int, default=80)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="kd-retrieval-bench-"))
     results = []
     try:
         for n in args.sizes:
-            r = bench_size(n, n_queries=args.queries, ef_values=args.ef, workdir=workdir, seed=n, build_threads=args.build_threads)
+            r = bench_size(n, n_queries=args.queries, ef_values=args.ef, workdir=workdir, seed=n, build_threads=args.build_threads,
+                          hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
             results.append(r)
             print(f"n={n:>9,} {r['kind']:5} build {r['build_s']:7.1f}s  peak RSS {r['peak_rss_gb']:.2f} GB")
             for name, s in {**r["runs"], **{f"allow {k}": v for k, v in r["allow_lists"].items()}}.items():
@@ -151,7 +157,7 @@ def main() -> None:
                             "latencies are single queries, one after another, through IndexReader.dense(); p50/p95_ms are "
                             "wall clock (include waiting for a core), cpu_*_ms the calling thread's CPU time (the work itself)",
                     "load_average_at_end": os.getloadavg()},
-        "setup": {"dim": DIM, "k": K, "queries": args.queries, "hnsw_m": 16, "ef_construction": 40,
+        "setup": {"dim": DIM, "k": K, "queries": args.queries, "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
                   "data": "synthetic clustered unit vectors (n/500 clusters), queries drawn from the same clusters",
                   "allow_lists": "random subsets; <=20k ids (or <=2 %) searched exactly, larger through a FAISS bitmap selector"},
         "results": results,
