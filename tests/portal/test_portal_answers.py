@@ -25,8 +25,8 @@ def corpus(django_db_setup, django_db_blocker, tmp_path_factory):
     from knowledge.documents.runner import pipeline_run_inline
     from knowledge.documents.services import document_accept
 
-    # Load the embedder before the pipeline does: when it is first loaded inside pipeline_run_inline, later
-    # embeddings in this process came out wrong (reported to the documents/model core helpers).
+    # Load the embedder before the pipeline imports ingestion.ocr, which sets OMP_THREAD_LIMIT=1: with that limit
+    # the bfloat16 encoder returns wrong vectors (float32 is fine). Reported to the ingestion/model core helpers.
     embedder()
 
     root = tmp_path_factory.mktemp("kd")
