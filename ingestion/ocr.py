@@ -8,10 +8,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytesseract
 from PIL import Image
 
-os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # one Tesseract thread per worker: no oversubscription
+# One Tesseract thread per worker (no oversubscription). Set for the tesseract child only: in this
+# process OMP_THREAD_LIMIT=1 makes torch's bfloat16 CPU kernels return wrong results.
+_TESSERACT_ENV = {**os.environ, "OMP_THREAD_LIMIT": "1"}
 
 OCR_LANGS = "chi_sim+eng"  # Chinese first: with eng first, Tesseract reads Chinese lines as Latin noise
 OCR_DPI = 200
@@ -38,12 +39,21 @@ def ocr_image(image: Image.Image, *, langs: str = OCR_LANGS) -> str:
         raise OcrError(f"image is {image.width}x{image.height} pixels: too large to OCR")
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    try:
-        text = pytesseract.image_to_string(image, lang=langs, timeout=OCR_TIMEOUT_S)
-    except RuntimeError as exc:  # pytesseract raises RuntimeError on timeout
-        raise OcrError(f"OCR timed out after {OCR_TIMEOUT_S} s") from exc
-    except pytesseract.TesseractError as exc:
-        raise OcrError(f"Tesseract failed: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="kd-ocr-") as tmp:
+        src = Path(tmp) / "image.png"
+        image.save(src)
+        try:
+            done = subprocess.run(
+                ["tesseract", str(src), "stdout", "-l", langs],
+                capture_output=True, timeout=OCR_TIMEOUT_S, env=_TESSERACT_ENV,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise OcrError(f"OCR timed out after {OCR_TIMEOUT_S} s") from exc
+        except FileNotFoundError as exc:
+            raise OcrError("Tesseract is not installed (Debian: tesseract-ocr tesseract-ocr-chi-sim)") from exc
+    if done.returncode != 0:
+        raise OcrError(f"Tesseract failed: {done.stderr.decode(errors='replace').strip()[:200]}")
+    text = done.stdout.decode("utf-8", errors="replace")
     return tidy_ocr_text(text)
 
 

@@ -8,7 +8,9 @@ results come back in the caller's order and equal single-item results.
 """
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +20,16 @@ from tokenizers import Tokenizer
 
 from modelcore.bert import BertModel
 from modelcore.defaults import default_encoder_path, embed_dtype_from_env
+
+log = logging.getLogger(__name__)
+
+# Probe texts for the bfloat16 self-check at load (English, Chinese, numbers).
+_PROBE = [
+    "What is the capital of France?",
+    "Net revenue rose 12% to $4.2 billion in the quarter ended June 30, 2023.",
+    "公司第二季度营业收入同比增长百分之十二。",
+]
+_BF16_MIN_COSINE = 0.999
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECODER_TYPES = ("llama", "qwen2", "mistral", "deepseek_v2", "deepseek_v3", "qwen3")
@@ -140,12 +152,23 @@ def load_bert_embedder(path: str | Path, *, dtype: str | None = None) -> BertEmb
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} is missing: a BERT embedder needs the fast tokenizer file")
     _check_pooling(folder)
-    model = BertModel.from_pretrained(folder, dtype=_torch_dtype(dtype)).fuse_qkv()
+    want = _torch_dtype(dtype)
+    model = BertModel.from_pretrained(folder, dtype=torch.float32).fuse_qkv()
     tokenizer = Tokenizer.from_file(str(tok_file))
     tokenizer.no_truncation()
     tokenizer.no_padding()
     name = folder.name if folder.name != "model" else folder.parent.name
-    return BertEmbedder(model, tokenizer, name=name, max_tokens=_bert_max_tokens(folder, model))
+    exact = BertEmbedder(model, tokenizer, name=name, max_tokens=_bert_max_tokens(folder, model))
+    if want == torch.float32:
+        return exact
+    # bfloat16 is ~2x faster where the CPU has bf16 units, but some environments make torch's bf16
+    # kernels wrong (seen: OMP_THREAD_LIMIT=1). Check against float32 once; keep float32 if they disagree.
+    fast = BertEmbedder(copy.deepcopy(model).to(want), tokenizer, name=name, max_tokens=exact.max_tokens)
+    cosine = float((exact.embed(_PROBE) * fast.embed(_PROBE)).sum(axis=1).min())
+    if cosine < _BF16_MIN_COSINE:
+        log.warning("bfloat16 embeddings disagree with float32 here (cosine %.3f): using float32", cosine)
+        return exact
+    return fast
 
 
 class DecoderEmbedder:

@@ -163,3 +163,24 @@ def test_decoder_embedder_mean_pools_generator_hidden_states() -> None:
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
     with pytest.raises(ValueError, match="quantize= applies to decoder"):
         load_embedder(default_encoder_path(), quantize="int8")
+
+
+def test_default_embedder_is_right_even_where_bf16_kernels_are_wrong():
+    """OMP_THREAD_LIMIT=1 makes torch's bf16 CPU kernels wrong here; the load-time check must fall back to float32."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import numpy as np; from modelcore import load_embedder;"
+        "t=['What is the capital of France?','The board approved the quarterly dividend of $0.24 per share.'];"
+        "a=load_embedder().embed(t); b=load_embedder(dtype='float32').embed(t);"
+        "print(float((a*b).sum(1).min()), float(a[0]@a[1]))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {"PATH": "/usr/bin:/bin", "OMP_THREAD_LIMIT": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    agreement, unrelated = map(float, out.stdout.split())
+    assert agreement >= 0.999
+    assert abs(unrelated) < 0.3
