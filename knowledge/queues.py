@@ -14,6 +14,10 @@ TASK_EMBED = "documents.embed"
 TASK_INDEX = "documents.index"
 TASK_INDEX_DELETE = "documents.index_delete"
 TASK_RESUME_STALLED = "documents.resume_stalled"  # housekeeping, for the beat schedule
+
+# Report tasks (knowledge.reports.tasks).
+TASK_REPORT_DRAFT = "reports.draft"
+TASK_REPORT_SCHEDULED = "reports.run_schedule"
 TASK_QUEUES = {
     TASK_PARTITION: QUEUE_INGEST,
     TASK_CLEAN: QUEUE_INGEST,
@@ -22,6 +26,8 @@ TASK_QUEUES = {
     TASK_INDEX: QUEUE_INDEX,
     TASK_INDEX_DELETE: QUEUE_INDEX,
     TASK_RESUME_STALLED: QUEUE_INGEST,
+    TASK_REPORT_DRAFT: QUEUE_GENERATE,
+    TASK_REPORT_SCHEDULED: QUEUE_GENERATE,
 }
 
 # Locks: the one index writer holds an fcntl lock on INDEX_DIR/.lock (ingestion.index.IndexWriter);

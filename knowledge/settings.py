@@ -152,6 +152,14 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("KD_VISIBILITY_
 if CELERY_BROKER_URL.startswith("sqla+"):
     CELERY_BROKER_TRANSPORT_OPTIONS["polling_interval"] = 0.5
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+from knowledge.queues import TASK_QUEUES, TASK_RESUME_STALLED  # noqa: E402  (names live in one module)
+
+# Every task goes to its queue even when a caller forgets to say so.
+CELERY_TASK_ROUTES = {name: {"queue": queue} for name, queue in TASK_QUEUES.items()}
+# Housekeeping: documents whose chain was lost (worker or broker gone) are picked up again.
+CELERY_BEAT_SCHEDULE = {
+    "resume-stalled-documents": {"task": TASK_RESUME_STALLED, "schedule": env_int("KD_RESUME_STALLED_EVERY_S", 1800)},
+}
 CELERY_TIMEZONE = TIME_ZONE
 
 # Mail (scheduled reports). Console backend unless an SMTP host is configured.

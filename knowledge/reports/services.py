@@ -10,8 +10,8 @@ from django.db import transaction
 
 from knowledge.reports.models import Report, ReportSchedule, ReportTemplate
 
-TASK_DRAFT = "reports.draft"
-TASK_SCHEDULED = "reports.run_schedule"
+from knowledge.queues import TASK_REPORT_DRAFT as TASK_DRAFT
+from knowledge.queues import TASK_REPORT_SCHEDULED as TASK_SCHEDULED
 _MARK = re.compile(r"\[(\d+)\]")
 
 
