@@ -27,6 +27,8 @@ MODES: dict[str, dict] = {
     "float": {"quantization": None},
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4"},  # Q4_1 codes taken directly (group 32)
+    "int8_fallback": {"quantization": "int8", "kernel": "fallback"},  # int8 weights, float32 activations (no bf16 kernel)
+    "int4_fallback": {"quantization": "int4", "kernel": "fallback"},
     "int4_g64": {"quantization": "int4", "group_size": 64},  # re-quantized from the float weights
     "int4_g128": {"quantization": "int4", "group_size": 128},
 }
