@@ -23,7 +23,10 @@ N_NEW = 16
 def eng():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the CI box is shared: one intra-op thread avoids OpenMP spin-waits
-    yield Engine.get(max_batch=4, max_len=512)
+    shared = Engine.get()  # the process-wide weights; other test modules may have built it with other sizes
+    eng = Engine(shared.model, shared.tokenizer, max_batch=4, max_len=512, name="test")
+    yield eng
+    eng.close()
     torch.set_num_threads(threads)
 
 
@@ -51,7 +54,7 @@ def _concurrently(fn, n: int) -> list:
 
 
 def test_concurrent_requests_equal_alone(eng: Engine) -> None:
-    assert Engine.get(max_batch=4, max_len=512) is eng
+    assert Engine.get() is Engine.get() and Engine.get().model is eng.model  # one model per process, loaded once
     expected = [_alone(eng, q) for q in QUESTIONS]
     reqs = _concurrently(lambda i: eng.submit(messages=_chat(QUESTIONS[i]), max_new_tokens=N_NEW), len(QUESTIONS))
     pieces = _concurrently(lambda i: list(reqs[i]), len(QUESTIONS))  # 5 requests > 4 slots: one waits for a free row
