@@ -76,6 +76,19 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def pooled_batches(ids: list[list[int]], out: np.ndarray, *, batch_size: int, pad_id: int, hidden) -> np.ndarray:
+    """Run right-padded, length-sorted batches through ``hidden(input_ids, mask) -> (B, T, D)``; mean-pool into ``out``."""
+    for batch in length_batches([len(x) for x in ids], batch_size):
+        T = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        out[batch] = mean_pool(hidden(input_ids, mask), mask).numpy()  # (B, D)
+    return out
+
+
 class BertEmbedder:
     """Mean-pooled, L2-normalised BERT sentence embeddings."""
 
@@ -104,16 +117,7 @@ class BertEmbedder:
             return out
         encs = self._encoder.encode_batch(texts)
         ids = [e.ids for e in encs]
-        for batch in length_batches([len(x) for x in ids], batch_size):
-            T = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), T), self._pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            hidden = self.model(input_ids, mask)  # (B, T, D)
-            out[batch] = mean_pool(hidden, mask).numpy()
-        return out
+        return pooled_batches(ids, out, batch_size=batch_size, pad_id=self._pad_id, hidden=self.model)
 
 
 def _torch_dtype(dtype: str | None) -> torch.dtype:
@@ -196,16 +200,7 @@ class DecoderEmbedder:
         if not texts:
             return out
         ids = [e.ids[: self.max_tokens] or [self._pad_id] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        for batch in length_batches([len(x) for x in ids], batch_size):
-            T = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), T), self._pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            hidden = self.model.hidden_states(input_ids, mask)  # (B, T, D)
-            out[batch] = mean_pool(hidden, mask).numpy()
-        return out
+        return pooled_batches(ids, out, batch_size=batch_size, pad_id=self._pad_id, hidden=self.model.hidden_states)
 
 
 def load_decoder_embedder(path: Path, *, quantize: str | None = None, max_tokens: int = 512) -> DecoderEmbedder:
