@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--no-model", action="store_true", help="extractive answers only (KD_ANSWER_WITH_MODEL off)")
+    ap.add_argument("--out", help="JSON file (default: benchmarks/results/portal_latency[_extractive].json)")
     args = ap.parse_args()
     stack = LiveStack(Path(tempfile.mkdtemp(prefix="kd-latency-")))
     if args.no_model:
@@ -121,7 +122,8 @@ def main() -> None:
         "command": "benchmarks/portal_latency.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / ("portal_latency_extractive.json" if args.no_model else "portal_latency.json")
+    default = ROOT / "benchmarks" / "results" / ("portal_latency_extractive.json" if args.no_model else "portal_latency.json")
+    out = Path(args.out) if args.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
