@@ -133,6 +133,9 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 KD_EMBED_MODEL = os.environ.get("KD_EMBED_MODEL", "")
 KD_GENERATOR_MODEL = os.environ.get("KD_GENERATOR_MODEL", "")
 KD_GENERATOR_QUANTIZATION = os.environ.get("KD_GENERATOR_QUANTIZATION", "") or None
+# Compute dtype of the generator: "bfloat16" | "float32"; unset: bfloat16 where the CPU has bf16 units (prefill ~1.7x
+# faster than float32 there), else the checkpoint's own.
+KD_GENERATOR_DTYPE = os.environ.get("KD_GENERATOR_DTYPE", "") or None
 KD_ANSWER_WITH_MODEL = env_bool("KD_ANSWER_WITH_MODEL", True)  # off: answers quote the sources, no generation
 
 # Celery

@@ -25,6 +25,17 @@ def max_new_tokens_for(*, purpose: str) -> int:
     return profile.max_new_tokens if profile else DEFAULT_MAX_NEW_TOKENS
 
 
+def generator_dtype() -> str | None:
+    """KD_GENERATOR_DTYPE, else bfloat16 on CPUs with bf16 units (no GPU), else the checkpoint's own dtype."""
+    if settings.KD_GENERATOR_DTYPE:
+        return settings.KD_GENERATOR_DTYPE
+    import torch
+
+    from modelcore.defaults import cpu_has_native_bf16
+
+    return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else None
+
+
 def engine_for(*, purpose: str):
     """The in-process Engine for this purpose, or None (extractive answers) when switched off or not loadable.
 
@@ -38,7 +49,7 @@ def engine_for(*, purpose: str):
     try:
         from modelcore.engine import Engine
 
-        return Engine.get(path=path, quantization=quant)
+        return Engine.get(path=path, quantization=quant, dtype=generator_dtype())
     except Exception as exc:  # noqa: BLE001 - any load failure means: answer extractively
         log.warning("generator unavailable, answering extractively: %s", exc)
         return None
