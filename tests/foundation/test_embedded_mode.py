@@ -50,5 +50,10 @@ def test_worker_on_the_sqlite_broker_ingests_a_filing(tmp_path):
         found = manage("search", "Costco net sales", "--k", "3", env=env)
         assert found.returncode == 0 and "COSTCO_2023Q3_EARNINGS.pdf" in found.stdout
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        worker.terminate()  # SIGTERM to the main process only: a warm shutdown that stops its own pool
+        try:
+            worker.wait(timeout=60)
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+        assert worker.returncode == 0, f"worker did not shut down cleanly:\n{log_path.read_text()[-2000:]}"
