@@ -89,18 +89,12 @@ def pooled_batches(ids: list[list[int]], out: np.ndarray, *, batch_size: int, pa
     return out
 
 
-class BertEmbedder:
-    """Mean-pooled, L2-normalised BERT sentence embeddings."""
+class PooledEmbedder:
+    """Shared part of the embedders: token counting and mean-pooled, L2-normalised batches."""
 
-    def __init__(self, model: BertModel, tokenizer: Tokenizer, *, name: str, max_tokens: int):
-        self.model = model
-        self.name = name
-        self.dim = model.args.dim
-        self.max_tokens = max_tokens
-        self.tokenizer = tokenizer  # no truncation/padding: for chunkers and count_tokens
-        self._encoder = Tokenizer.from_str(tokenizer.to_str())
-        self._encoder.enable_truncation(max_length=max_tokens)
-        self._pad_id = model.args.pad_token_id
+    dim: int
+    tokenizer: Tokenizer
+    _pad_id: int
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` without special tokens and without truncation."""
@@ -115,9 +109,27 @@ class BertEmbedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        encs = self._encoder.encode_batch(texts)
-        ids = [e.ids for e in encs]
-        return pooled_batches(ids, out, batch_size=batch_size, pad_id=self._pad_id, hidden=self.model)
+        return pooled_batches(self._token_ids(texts), out, batch_size=batch_size, pad_id=self._pad_id, hidden=self._hidden)
+
+
+class BertEmbedder(PooledEmbedder):
+    """Mean-pooled, L2-normalised BERT sentence embeddings."""
+
+    def __init__(self, model: BertModel, tokenizer: Tokenizer, *, name: str, max_tokens: int):
+        self.model = model
+        self.name = name
+        self.dim = model.args.dim
+        self.max_tokens = max_tokens
+        self.tokenizer = tokenizer  # no truncation/padding: for chunkers and count_tokens
+        self._encoder = Tokenizer.from_str(tokenizer.to_str())
+        self._encoder.enable_truncation(max_length=max_tokens)
+        self._pad_id = model.args.pad_token_id
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._encoder.encode_batch(texts)]  # [CLS] ... [SEP], truncated
+
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, mask)
 
 
 def _torch_dtype(dtype: str | None) -> torch.dtype:
@@ -175,7 +187,7 @@ def load_bert_embedder(path: str | Path, *, dtype: str | None = None) -> BertEmb
     return fast
 
 
-class DecoderEmbedder:
+class DecoderEmbedder(PooledEmbedder):
     """Mean-pooled, L2-normalised final hidden states of a decoder LLM."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, name: str, max_tokens: int, pad_id: int):
@@ -186,21 +198,12 @@ class DecoderEmbedder:
         self.tokenizer = tokenizer
         self._pad_id = pad_id
 
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens of ``text`` without special tokens and without truncation."""
-        if not isinstance(text, str):
-            raise TypeError(f"count_tokens() takes a str, got {type(text).__name__}")
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        encs = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [e.ids[: self.max_tokens] or [self._pad_id] for e in encs]  # right padding suits a causal model
 
-    @torch.inference_mode()
-    def embed(self, texts: list[str], *, batch_size: int = 32) -> np.ndarray:
-        """Embed texts -> float32 (N, dim), rows L2-normalised, in input order (right padding, causal model)."""
-        texts = check_texts(texts, batch_size)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
-        ids = [e.ids[: self.max_tokens] or [self._pad_id] for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        return pooled_batches(ids, out, batch_size=batch_size, pad_id=self._pad_id, hidden=self.model.hidden_states)
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.hidden_states(input_ids, mask)
 
 
 def load_decoder_embedder(path: Path, *, quantize: str | None = None, max_tokens: int = 512) -> DecoderEmbedder:
