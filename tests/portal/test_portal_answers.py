@@ -21,13 +21,8 @@ SECRET = ("Project Nightingale is the codename of the planned acquisition of Blu
 @pytest.fixture(scope="module")
 def corpus(django_db_setup, django_db_blocker, tmp_path_factory):
     """alice: the Amcor 8-K (private); bob: a private memo carrying a prompt injection."""
-    from knowledge.documents.pipeline import embedder
     from knowledge.documents.runner import pipeline_run_inline
     from knowledge.documents.services import document_accept
-
-    # Load the embedder before the pipeline imports ingestion.ocr, which sets OMP_THREAD_LIMIT=1: with that limit
-    # the bfloat16 encoder returns wrong vectors (float32 is fine). Reported to the ingestion/model core helpers.
-    embedder()
 
     root = tmp_path_factory.mktemp("kd")
     memo = root / "nightingale_memo.txt"

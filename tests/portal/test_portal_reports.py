@@ -22,13 +22,8 @@ MEMO = ("Project Nightingale is the codename of the planned acquisition of Blue 
 
 @pytest.fixture(scope="module")
 def owner(django_db_setup, django_db_blocker, tmp_path_factory):
-    from knowledge.documents.pipeline import embedder
     from knowledge.documents.runner import pipeline_run_inline
     from knowledge.documents.services import document_accept
-
-    # Load the embedder before the pipeline imports ingestion.ocr, which sets OMP_THREAD_LIMIT=1: with that limit
-    # the bfloat16 encoder returns wrong vectors (float32 is fine). Reported to the ingestion/model core helpers.
-    embedder()
 
     root = tmp_path_factory.mktemp("kdr")
     memo = root / "nightingale.txt"
