@@ -38,16 +38,57 @@ def resolve_device(device_map: str | torch.device | None) -> torch.device:
     return torch.device(device_map)
 
 
+DEFAULT_MODE = (None, "", "auto", "default")  # "use the model's own": what a blank portal profile field means
+ATTENTION_MODES = ("absorbed", "naive")  # MLA decode: weight-absorbed attention on the latent, or expanded per-head K/V
+ROUTING_MODES = ("dispatch", "loop")  # MoE: run only the routed experts (batched), or the per-token reference loop
+
+
+def configure_modes(model: Any, *, attention: str | None = None, routing: str | None = None) -> None:
+    """Apply the portal profile's attention/routing mode to a loaded model (ValueError for a mode it does not have).
+
+    attention: None/""/"auto"/"default" (the model's own), or for MLA models "absorbed" (absorbed decode, expanded
+    prefill: the default) or "naive" (expanded K/V everywhere). routing: the defaults, or for MoE models "dispatch"
+    (routed experts only: the default) or "loop" (the per-token reference loop; slow, for checking).
+    GQA / dense / encoder models accept only the defaults.
+    """
+    from modelcore.mla import MLA
+    from modelcore.moe import MoE
+
+    mlas = [m for m in model.modules() if isinstance(m, MLA)]
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if attention not in DEFAULT_MODE:
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES} (or None for the model's default), got {attention!r}")
+        if not mlas:
+            raise ValueError(f"attention={attention!r} applies to MLA models (DeepSeek-V2/V3); this model uses standard "
+                             "attention: leave attention unset")
+        for m in mlas:
+            m.impl = "naive" if attention == "naive" else "auto"
+    if routing not in DEFAULT_MODE:
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES} (or None for the model's default), got {routing!r}")
+        if not moes:
+            raise ValueError(f"routing={routing!r} applies to mixture-of-experts models; this model has no routed "
+                             "experts: leave routing unset")
+        for m in moes:
+            m.routing = routing
+
+
 class AutoModel:
-    """Factory: `AutoModel.from_pretrained(path, device_map="auto", quantization=None|"int8"|"int4", dtype=None)`."""
+    """Factory: `AutoModel.from_pretrained(path, device_map="auto", quantization=None|"int8"|"int4", dtype=None,
+    attention=None|"absorbed"|"naive", routing=None|"dispatch"|"loop")`."""
 
     def __init__(self) -> None:
         raise TypeError("use AutoModel.from_pretrained(path)")
 
     @staticmethod
     def from_pretrained(path: str | Path, *, device_map: str | torch.device | None = "auto", quantization: str | None = None,
-                        dtype: str | torch.dtype | None = None, load_tokenizer: bool = True, **quant_options: Any):
-        """Load a model ready for inference (eval mode, no grad). dtype defaults to the checkpoint's own."""
+                        dtype: str | torch.dtype | None = None, load_tokenizer: bool = True, attention: str | None = None,
+                        routing: str | None = None, **quant_options: Any):
+        """Load a model ready for inference (eval mode, no grad). dtype defaults to the checkpoint's own.
+
+        attention / routing: see configure_modes (None = the model's own; a mode the model lacks is a ValueError).
+        """
         from modelcore.loading import QUANT_FILE, build_model, load_config, load_state_dict, parse_dtype
         from modelcore.tokenizer import AutoTokenizer
 
@@ -73,6 +114,8 @@ class AutoModel:
 
             if quantization is not None:
                 raise ValueError("quantization applies to decoders; load a BERT encoder with dtype='bfloat16' instead")
+            if attention not in DEFAULT_MODE or routing not in DEFAULT_MODE:
+                raise ValueError("attention/routing modes apply to decoders; a BERT encoder takes only the defaults")
             bert = BertModel.from_pretrained(p, dtype=want_dtype or torch.float32).to(device)
             bert.tokenizer = AutoTokenizer.from_pretrained(p) if (p / "tokenizer.json").is_file() else None
             return bert
@@ -95,5 +138,6 @@ class AutoModel:
 
             quantize_model(model, quantization, prequantized=prequantized, **quant_options)
             model.to(device)
+        configure_modes(model, attention=attention, routing=routing)
         model.tokenizer = tokenizer
         return model

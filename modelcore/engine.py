@@ -214,7 +214,7 @@ def copy_cache_row(cache: list, src: int, dst: int) -> None:
 class Engine:
     """Thread-safe continuous-batching server around one decoder model."""
 
-    _registry: ClassVar[dict[tuple[str, str | None, str | None], "Engine"]] = {}
+    _registry: ClassVar[dict[tuple, "Engine"]] = {}
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 8, max_len: int = 2048, name: str = ""):
@@ -241,18 +241,24 @@ class Engine:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def get(cls, path: str | Path | None = None, quantization: str | None = None, *, max_batch: int = 8,
-            max_len: int = 2048, dtype: str | None = None) -> "Engine":
-        """The process-wide Engine for (path, quantization, dtype), loaded on first use (later calls reuse it as built)."""
+            max_len: int = 2048, dtype: str | None = None, attention: str | None = None,
+            routing: str | None = None) -> "Engine":
+        """The process-wide Engine for (path, quantization, dtype, attention, routing), loaded on first use (later calls
+        reuse it as built). attention/routing: as AutoModel.from_pretrained (None = the model's own mode)."""
+        from modelcore.auto import DEFAULT_MODE
         from modelcore.defaults import default_generator_path
 
         p = Path(path) if path is not None else default_generator_path()
-        key = (str(p.resolve()), quantization, dtype)
+        attention = None if attention in DEFAULT_MODE else attention
+        routing = None if routing in DEFAULT_MODE else routing
+        key = (str(p.resolve()), quantization, dtype, attention, routing)
         with cls._registry_lock:
             eng = cls._registry.get(key)
             if eng is None or eng._closed or eng._pid != os.getpid():  # a forked child needs its own worker thread
                 from modelcore.auto import AutoModel
 
-                model = AutoModel.from_pretrained(str(p), quantization=quantization, dtype=dtype)
+                model = AutoModel.from_pretrained(str(p), quantization=quantization, dtype=dtype, attention=attention,
+                                                  routing=routing)
                 eng = cls(model, model.tokenizer, max_batch=max_batch, max_len=max_len, name=p.name)
                 cls._registry[key] = eng
             return eng

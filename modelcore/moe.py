@@ -97,8 +97,11 @@ class MoE(nn.Module):
         self.gemv: Callable | None = None  # Triton small-batch kernel (modelcore.moe_kernels), set by pack() on CUDA
         self.gemv_max_pairs = 16  # use it while tokens * top_k <= this; grouped GEMM above
         self.gemv_options: dict[str, int] = {}  # block sizes for moe_gemv (benchmarks/gpu_moe.py tunes them)
+        self.routing = "dispatch"  # "dispatch" (routed experts only) | "loop" (forward_loop, the reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing == "loop":
+            return self.forward_loop(x)
         shape = x.shape
         flat = x.reshape(-1, self.dim)  # (N, D)
         weights, idx = self.gate(flat)
