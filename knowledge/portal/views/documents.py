@@ -1,8 +1,7 @@
 """Document pages: list, detail with highlighted passage, metadata edit, retry, delete, download, page image."""
 from __future__ import annotations
 
-import subprocess
-import tempfile
+import logging
 from pathlib import Path
 
 from django.contrib import messages
@@ -14,6 +13,8 @@ from django.views.decorators.http import require_GET, require_POST
 
 from knowledge.portal.forms import MetadataForm
 from knowledge.portal.services import audit_record, document_visibility_set
+
+log = logging.getLogger(__name__)
 
 
 def document_or_404(*, user, id: int):
@@ -161,19 +162,24 @@ def document_download(request, id: int):
 
 @require_GET
 def document_page_image(request, id: int, page: int):
-    """A PDF page rendered to PNG by pdftoppm (96 dpi)."""
+    """A PDF page rendered to PNG (96 dpi); ``?chunk=ID`` (a chunk of this document) highlights its passage."""
+    from knowledge.portal.page_image import page_png
+
     doc = document_or_404(user=request.user, id=id)
     if not doc.original_name.lower().endswith(".pdf") or page < 1 or (doc.page_count and page > doc.page_count):
         raise Http404(_("No such page."))
     path = original_file(doc)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "page"
-        proc = subprocess.run(["pdftoppm", "-png", "-r", "96", "-f", str(page), "-l", str(page), "-singlefile",
-                               str(path), str(out)], capture_output=True, timeout=60)
-        png = out.with_suffix(".png")
-        if proc.returncode != 0 or not png.exists():
-            raise Http404(_("This page could not be rendered."))
-        data = png.read_bytes()
+    try:
+        chunk_id = int(request.GET.get("chunk", "0"))
+    except ValueError:
+        chunk_id = 0
+    chunk = doc.chunks.filter(pk=chunk_id).first() if chunk_id else None  # only this document's chunks
+    try:
+        data, boxes = page_png(path=path, page=page, passage=chunk.text if chunk else "")
+    except Exception as exc:  # noqa: BLE001 - a page pdfium cannot open or render
+        log.warning("page %s of document %s could not be rendered: %s", page, doc.pk, exc)
+        raise Http404(_("This page could not be rendered.")) from exc
     resp = HttpResponse(data, content_type="image/png")
     resp["Cache-Control"] = "private, max-age=3600"
+    resp["X-Highlight-Boxes"] = str(boxes)
     return resp
