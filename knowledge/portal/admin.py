@@ -47,4 +47,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 @admin.register(ModelProfile)
 class ModelProfileAdmin(admin.ModelAdmin):
-    list_display = ("name", "checkpoint_path", "quantization", "attention_mode", "use_for_qa", "use_for_reports")
+    list_display = ("name", "checkpoint_path", "quantization", "attention_mode", "routing_mode", "use_for_qa",
+                    "use_for_reports")
+    fields = ("name", "checkpoint_path", "quantization", "attention_mode", "routing_mode", "max_new_tokens", "use_for_qa",
+              "use_for_reports")

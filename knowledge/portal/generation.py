@@ -36,22 +36,33 @@ def generator_dtype() -> str | None:
     return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else None
 
 
+def engine_modes(profile) -> dict:
+    """The profile's attention/routing modes as Engine.get keyword arguments (None: the model's own)."""
+    return {"attention": (profile.attention_mode if profile else "") or None,
+            "routing": (profile.routing_mode if profile else "") or None}
+
+
 def engine_for(*, purpose: str):
     """The in-process Engine for this purpose, or None (extractive answers) when switched off or not loadable.
 
     ``settings.KD_ANSWER_WITH_MODEL = False`` switches generation off: answers then quote the sources.
+    The profile's checkpoint, quantization and attention/routing modes reach ``Engine.get``; a profile the
+    checkpoint cannot run (a mode it lacks, saved around the admin form's check) is logged and answered
+    extractively rather than failing the question.
     """
     if not settings.KD_ANSWER_WITH_MODEL:
         return None
     profile = profile_for(purpose=purpose)
     path = (profile.checkpoint_path if profile else "") or settings.KD_GENERATOR_MODEL or None
     quant = (profile.quantization if profile else "") or settings.KD_GENERATOR_QUANTIZATION or None
+    modes = engine_modes(profile)
     try:
         from modelcore.engine import Engine
 
-        return Engine.get(path=path, quantization=quant, dtype=generator_dtype())
+        return Engine.get(path=path, quantization=quant, dtype=generator_dtype(), **modes)
     except Exception as exc:  # noqa: BLE001 - any load failure means: answer extractively
-        log.warning("generator unavailable, answering extractively: %s", exc)
+        log.warning("generator unavailable for %s (profile %r, modes %s), answering extractively: %s", purpose,
+                    profile.name if profile else None, modes, exc)
         return None
 
 

@@ -87,17 +87,37 @@ class ApiToken(models.Model):
 
 
 class ModelProfile(models.Model):
-    """Which generator checkpoint answers questions and drafts reports."""
+    """Which generator checkpoint answers questions and drafts reports, and how it runs.
+
+    attention_mode applies to MLA checkpoints (DeepSeek-V2/V3), routing_mode to mixture-of-experts ones; blank
+    means the model's own default. clean() refuses a mode the checkpoint does not have, with the reason.
+    """
+
+    ATTENTION_CHOICES = [("", _("Model default")), ("absorbed", _("MLA: absorbed (weights folded into the latent)")),
+                         ("naive", _("MLA: naive (expanded keys and values)"))]
+    ROUTING_CHOICES = [("", _("Model default")), ("dispatch", _("MoE: dispatch (routed experts only)")),
+                       ("loop", _("MoE: loop (per-token reference)"))]
 
     name = models.CharField(max_length=100, unique=True)
     checkpoint_path = models.CharField(
         max_length=500, blank=True, default="", help_text=_("Empty: the built-in default (SmolLM2-135M-Instruct).")
     )
     quantization = models.CharField(max_length=16, blank=True, default="")
-    attention_mode = models.CharField(max_length=32, blank=True, default="", help_text=_("attention/routing mode"))
+    attention_mode = models.CharField(
+        max_length=32, blank=True, default="", choices=ATTENTION_CHOICES,
+        help_text=_("MLA attention path (DeepSeek-V2/V3 checkpoints only); empty: the model's default."))
+    routing_mode = models.CharField(
+        max_length=32, blank=True, default="", choices=ROUTING_CHOICES,
+        help_text=_("Mixture-of-experts routing (MoE checkpoints only); empty: the model's default."))
     max_new_tokens = models.PositiveIntegerField(default=96)
     use_for_qa = models.BooleanField(default=False)
     use_for_reports = models.BooleanField(default=False)
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        from knowledge.portal.model_profiles import profile_check
+
+        profile_check(checkpoint_path=self.checkpoint_path, quantization=self.quantization,
+                      attention_mode=self.attention_mode, routing_mode=self.routing_mode)
