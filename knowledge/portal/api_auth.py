@@ -51,3 +51,27 @@ def api_view(view):
         return view(request, *args, **kwargs)
 
     return login_not_required(csrf_exempt(wrapper))
+
+
+def token_or_session(view):
+    """For GET file views (download, page image): a Bearer token, or else the usual session sign-in.
+
+    Without the header the request is handled as any page: anonymous users are sent to sign in.
+    """
+
+    @functools.wraps(view)
+    def wrapper(request, *args, **kwargs):
+        header = request.META.get("HTTP_AUTHORIZATION", "")
+        if header.startswith("Bearer "):
+            user = token_authenticate(key=header[7:].strip())
+            if user is None:
+                return JsonResponse({"error": "Invalid or revoked API token."}, status=401)
+            request.user = user
+            request.auth_via = "token"
+        elif not request.user.is_authenticated:
+            from django.contrib.auth.views import redirect_to_login
+
+            return redirect_to_login(request.get_full_path())
+        return view(request, *args, **kwargs)
+
+    return login_not_required(wrapper)

@@ -11,6 +11,7 @@ from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
+from knowledge.portal.api_auth import token_or_session
 from knowledge.portal.forms import MetadataForm
 from knowledge.portal.services import audit_record, document_visibility_set
 
@@ -151,6 +152,7 @@ def original_file(doc) -> Path:
     return path
 
 
+@token_or_session
 @require_GET
 def document_download(request, id: int):
     doc = document_or_404(user=request.user, id=id)
@@ -160,6 +162,7 @@ def document_download(request, id: int):
                         content_type=doc.content_type or "application/octet-stream")
 
 
+@token_or_session
 @require_GET
 def document_page_image(request, id: int, page: int):
     """A PDF page rendered to PNG (96 dpi); ``?chunk=ID`` (a chunk of this document) highlights its passage."""
