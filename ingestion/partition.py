@@ -258,3 +258,37 @@ def _read_email(path: Path, *, info: dict[str, Any], depth: int, max_pages: int,
     if not any(e.text.strip() for e in elements[1 if subject else 0:]) and not attachments:
         raise PartitionError("e-mail has no body text and no attachments: nothing to index")
     return elements
+
+
+def warm_up() -> list[str]:
+    """Partition a tiny generated file of each unstructured-backed format once, so a worker pays the
+    first-use imports (pandas, lxml, python-docx/pptx, openpyxl, unstructured's partitioners) at start,
+    not inside the first document it reads. Returns the kinds that were warmed."""
+    import docx
+    import openpyxl
+    import pptx
+
+    warmed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="kd-warm-") as tmp:
+        folder = Path(tmp)
+        d = docx.Document()
+        d.add_heading("Warm-up", level=1)
+        d.add_paragraph("Revenue rose 4% in the quarter.")
+        d.save(str(folder / "w.docx"))
+        deck = pptx.Presentation()
+        slide = deck.slides.add_slide(deck.slide_layouts[1])
+        slide.shapes.title.text = "Warm-up"
+        slide.placeholders[1].text = "Revenue rose 4% in the quarter."
+        deck.save(str(folder / "w.pptx"))
+        wb = openpyxl.Workbook()
+        wb.active.append(["Segment", "Revenue"])
+        wb.active.append(["Cloud", 12])
+        wb.save(str(folder / "w.xlsx"))
+        (folder / "w.html").write_text("<html><body><h1>Warm-up</h1><p>Revenue rose 4%.</p>"
+                                       "<table><tr><td>a</td><td>1</td></tr></table></body></html>")
+        (folder / "w.md").write_text("# Warm-up\n\nRevenue rose 4% in the quarter.\n")
+        (folder / "w.txt").write_text("Warm-up\n\nRevenue rose 4% in the quarter.\n")
+        for name in ("w.docx", "w.pptx", "w.xlsx", "w.html", "w.md", "w.txt"):
+            partition_file(folder / name)
+            warmed.append(name.split(".")[1])
+    return warmed

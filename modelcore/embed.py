@@ -102,6 +102,10 @@ class PooledEmbedder:
             raise TypeError(f"count_tokens() takes a str, got {type(text).__name__}")
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def token_starts(self, text: str) -> list[int]:
+        """Start offset (in characters of ``text``) of each token ``count_tokens`` counts, from one encoding."""
+        return [start for start, _ in self.tokenizer.encode(text, add_special_tokens=False).offsets]
+
     @torch.inference_mode()
     def embed(self, texts: list[str], *, batch_size: int = 32) -> np.ndarray:
         """Embed texts -> float32 (N, dim), rows L2-normalised, in input order."""

@@ -1,5 +1,9 @@
 """Are workers up? Each worker writes a heartbeat row every few seconds while it runs.
 
+Each worker process also warms up once at start (``pipeline.worker_warm_up``: the embedder and the
+partitioners' first-use imports), in a background thread so the pool's start-up timeout is not at risk;
+``KD_WORKER_WARM_UP=0`` turns it off.
+
 Connected to Celery's worker_ready / worker_shutdown signals (this module is imported by
 tasks.py, which every worker loads). ``workers_up`` is what ``manage.py ingest`` asks before
 choosing between the workers and an in-process run. Works with any broker, since it uses the DB.
@@ -11,7 +15,7 @@ import logging
 import os
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
@@ -93,3 +97,21 @@ def _on_worker_shutdown(sender=None, **_kwargs) -> None:
         except Exception:  # noqa: BLE001
             log.warning("could not remove heartbeat of %s", hostname, exc_info=True)
         _beats.pop(hostname, None)
+
+
+def _warm_up() -> None:
+    from knowledge.documents.pipeline import worker_warm_up
+
+    try:
+        seconds = worker_warm_up()
+        log.info("worker process %s warmed up: %s", os.getpid(), {k: round(v, 2) for k, v in seconds.items()})
+    except Exception:  # noqa: BLE001 - a failed warm-up only means the first document pays for it
+        log.warning("worker warm-up failed", exc_info=True)
+    finally:
+        connection.close()
+
+
+@worker_process_init.connect
+def _on_worker_process_init(**_kwargs) -> None:
+    if os.environ.get("KD_WORKER_WARM_UP", "1") != "0":
+        threading.Thread(target=_warm_up, name="kd-warm-up", daemon=True).start()

