@@ -31,6 +31,7 @@ MODES: dict[str, dict] = {
     "int4_fallback": {"quantization": "int4", "kernel": "fallback"},
     "int4_g64": {"quantization": "int4", "group_size": 64},  # re-quantized from the float weights
     "int4_g128": {"quantization": "int4", "group_size": 128},
+    "int4_emb4": {"quantization": "int4", "embeddings": "int4"},  # + the tied embedding/head int4 (group 32, refined)
 }
 
 
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
         "model": str(path.name), "text": "tatqa dev paragraphs", "tokens": int(ids.numel()) if ids is not None else 0,
         "window": a.window, "threads": a.threads, "torch": torch.__version__,
         "commands": commands, "results": results,
-        "notes": "float = Q4_1 GGUF dequantized to float32; int8/int4 kernels run matmuls in bfloat16 (packed aten kernels); "
-                 "int4 = Q4_1 codes taken directly (group 32), embeddings and the tied head int8",
+        "notes": "float = Q4_1 GGUF dequantized to float32; int8/int4 run the packed aten kernels (bfloat16 activations, "
+                 "bfloat16-exact scales); *_fallback = dequantize + float32 matmul; int4 = Q4_1 codes taken directly "
+                 "(group 32), embeddings and the tied head int8; int4_emb4 = the same with the tied embedding/head int4 too",
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2), encoding="utf-8")

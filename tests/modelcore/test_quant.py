@@ -12,6 +12,9 @@ from modelcore.quant import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    TiedInt4Embedding,
+    cat_linears,
+    cpu_int4_block_rows,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -37,6 +40,10 @@ def test_int8_weights_error_bound(linear: nn.Linear) -> None:
     assert q.dtype == torch.int8 and s.shape == (384,)
     err = (q.float() * s[:, None] - linear.weight).abs()
     assert bool((err <= s[:, None] / 2 + 1e-7).all())  # round-to-nearest: half a step per output channel
+    # the scales are bfloat16 values (what the packed kernel reads), at most 1/128 above max|w|/127
+    assert torch.equal(s.bfloat16().float(), s)
+    ideal = linear.weight.abs().amax(dim=1) / 127
+    assert bool((s >= ideal).all()) and bool((s <= ideal * (1 + 2 ** -7)).all())
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -55,10 +62,28 @@ def test_int8_linear_vs_float(linear: nn.Linear) -> None:
     q, s = quantize_int8(linear.weight)
     torch.testing.assert_close(fallback(x), x @ (q.float() * s[:, None]).T + linear.bias, rtol=1e-5, atol=1e-4)
     assert _rel(fallback(x), ref) < 0.01  # int8 per channel: < 1% relative error
-    assert _rel(packed(x), fallback(x)) < 0.01  # packed kernel runs in bf16
+    # packed kernel: bf16 input and output roundings only (2^-9 relative each), the scales are exact
+    assert _rel(packed(x), fallback(x)) < 0.004
     assert packed(x).dtype == torch.float32 and packed(x).shape == (3, 7, 384)
     xb = x.bfloat16()
     torch.testing.assert_close(packed(xb).float(), fallback(xb).float(), rtol=0.02, atol=0.05)
+    # same input in bf16 for both: packed == fallback up to the output rounding
+    torch.testing.assert_close(packed(xb.float()), fallback(xb.float()), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [8, 24, 40, 100])
+def test_int8_small_in_features_never_use_the_packed_kernel(k: int) -> None:
+    """CPU _weight_int8pack_mm segfaults or returns garbage for in_features not a multiple of 16 (torch 2.13)."""
+    torch.manual_seed(k)
+    lin = nn.Linear(k, 1, bias=False)
+    auto = Int8Linear.from_linear(lin)
+    assert auto.kernel == "fallback"
+    x = torch.randn(1, k)
+    q, s = quantize_int8(lin.weight)
+    torch.testing.assert_close(auto(x), x @ (q.float() * s[:, None]).T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Int8Linear.from_linear(lin, kernel="packed")
+    assert Int8Linear.from_linear(nn.Linear(48, 1)).kernel == "packed"
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -72,6 +97,53 @@ def test_int4_linear_vs_float(linear: nn.Linear, group: int) -> None:
     assert _rel(fallback(x), ref) < {32: 0.08, 64: 0.09, 128: 0.10}[group]  # 4-bit: a few percent
     assert _rel(packed(x), fallback(x)) < 0.01
     torch.testing.assert_close(packed(x[:1, :1]), fallback(x[:1, :1]), rtol=0.02, atol=0.05)  # decode shape M=1
+
+
+def test_int4_refined_quantizer() -> None:
+    """refine=True: lower (weighted) error than min/max, bf16-exact scales and zeros, packed == fallback."""
+    torch.manual_seed(3)
+    w = torch.randn(256, 128) * torch.rand(256, 1)
+    cols = torch.rand(128) * 4
+    plain, ref = quantize_int4(w, group_size=32), quantize_int4(w, group_size=32, refine=True, col_weights=cols)
+    werr = lambda q: float((((q.dequantize() - w) ** 2) * cols).sum())  # noqa: E731
+    assert werr(ref) < 0.9 * werr(plain)
+    zeros = ref.mins + 8 * ref.scales
+    assert torch.equal(ref.scales.bfloat16().float(), ref.scales) and torch.equal(zeros.bfloat16().float(), zeros)
+    x = torch.randn(5, 128)
+    packed, fallback = Int4Linear(ref, None, kernel="packed"), Int4Linear(ref, None, kernel="fallback")
+    torch.testing.assert_close(packed(x.bfloat16().float()), fallback(x.bfloat16().float()), rtol=2 ** -7, atol=2e-3)
+
+
+@pytest.mark.skipif(cpu_int4_block_rows() is None, reason="unknown CPU int4 layout")
+def test_packed_int4_rows_read_back_exactly() -> None:
+    torch.manual_seed(4)
+    qw = quantize_int4(torch.randn(192, 96), group_size=32, refine=True)
+    packed = Int4Linear(qw, None, kernel="packed")
+    ids = torch.tensor([0, 1, 31, 32, 63, 64, 100, 191, 5, 5])
+    codes, scales, mins = packed.int4_rows(ids)
+    assert torch.equal(codes, qw.codes[ids]) and torch.equal(scales, qw.scales[ids]) and torch.equal(mins, qw.mins[ids])
+    torch.testing.assert_close(packed.dequantize(), qw.dequantize(), rtol=0, atol=0)
+    emb = TiedInt4Embedding(packed, torch.float32)
+    torch.testing.assert_close(emb(ids.view(2, 5)), qw.dequantize()[ids].view(2, 5, 96), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "int8-packed", "int8-fallback", "int4-packed", "int4-fallback"])
+def test_cat_linears_equals_the_separate_layers(kind: str) -> None:
+    torch.manual_seed(5)
+    floats = [nn.Linear(128, n, bias=True) for n in (192, 64, 64)]
+    if kind == "linear":
+        mods = floats
+    elif kind.startswith("int8"):
+        mods = [Int8Linear.from_linear(f, kernel=kind.split("-")[1]) for f in floats]
+    else:
+        mods = [Int4Linear.from_linear(f, group_size=32, kernel=kind.split("-")[1]) for f in floats]
+    fused = cat_linears(mods)
+    x = torch.randn(3, 4, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([m(x) for m in mods], dim=-1), rtol=0, atol=0)
+    assert fused.out_features == 320 and fused.in_features == 128
+    with pytest.raises(ValueError):
+        cat_linears([mods[0], floats[1] if kind != "linear" else Int8Linear.from_linear(floats[1])])
 
 
 def test_quantized_embeddings() -> None:
@@ -120,6 +192,26 @@ def test_quantize_model_logits_close(mode: str, floor: float) -> None:
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
     assert float(cos.min()) >= floor, float(cos.min())
     assert quantized_nbytes(model) < float_bytes * (0.3 if mode == "int8" else 0.2)
+
+
+@pytest.mark.skipif(cpu_int4_block_rows() is None, reason="unknown CPU int4 layout")
+def test_int4_tied_embeddings_are_stored_once() -> None:
+    model = _tiny()
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+        int8_emb = quantized_nbytes(quantize_model(_tiny(), "int4", group_size=32))
+        quantize_model(model, "int4", group_size=32, embeddings="int4")
+        out = model(ids).logits
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, TiedInt4Embedding) and isinstance(head, Int4Linear) and emb.head is head
+    assert "model.embed_tokens.head.packed" not in model.state_dict()  # the head is not a second submodule
+    # 256 x 128 tied matrix: int8 rows + float32 scales (lookup) + bf16 scales (head) -> int4 + bf16 scale/zero per 32
+    assert quantized_nbytes(model) == int8_emb - (256 * 128 + 256 * 4 + 256 * 2) + (256 * 64 + 256 * 4 * 4)
+    torch.testing.assert_close(emb(ids[:, :3]), head.dequantize()[ids[:, :3]], rtol=0, atol=0)
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+    assert float(cos.min()) >= 0.97, float(cos.min())
+    assert model.quantization["embeddings"] == "int4"
 
 
 def test_prequantized_codes_are_used_as_is() -> None:
