@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class Answer:
     search_query: str = ""
     message_id: int | None = None
     conversation_id: int | None = None
+    retrieve_ms: float | None = None
 
 
 def not_found_text() -> str:
@@ -175,19 +177,24 @@ def answer_verified(*, text: str, question: str, sources: list[dict]) -> bool:
     return any(textmatch.coverage(clean_markers(text, valid=set()), s["text"]) >= 0.3 for s in cited)
 
 
-def answer_stream(*, user, question: str, conversation=None, filters: dict | None = None,
-                  purpose: str = "qa", via: str = "web", use_model: bool = True) -> Iterator[dict]:
-    """Yield events: sources, token (text pieces), replace (final text when guarded), done (verified answer)."""
-    from knowledge.documents.retrieval import retrieve
-    from knowledge.portal import services
+@dataclass
+class Selection:
+    """What one question retrieved: the chunks (ACL-filtered), their (cosine, coverage), the sources shown."""
 
-    question = (question or "").strip()
-    if not question:
-        raise ValueError(_("Please type a question."))
-    history = list(conversation.messages.filter(role="user").values_list("search_query", flat=True)) if conversation else []
-    search_query = question_rewrite(question=question, history=[h for h in history if h])
-    chunks = retrieve(query=search_query, user=user, k=RETRIEVE_K, filters=filters or None)
-    scores = _relevance(search_query, chunks)
+    chunks: list
+    scores: list[tuple[float, float]]
+    sources: list[dict]
+    retrieve_ms: float
+
+
+def sources_select(*, query: str, user, filters: dict | None = None) -> Selection:
+    """Retrieve for the query, gate on relevance, and number the best chunks as sources (none: not answerable)."""
+    from knowledge.documents.retrieval import retrieve
+
+    t0 = time.perf_counter()
+    chunks = retrieve(query=query, user=user, k=RETRIEVE_K, filters=filters or None)
+    retrieve_ms = round((time.perf_counter() - t0) * 1000, 2)
+    scores = _relevance(query, chunks)
     have_emb = _embedder() is not None
     # Answerable when at least one chunk passes the gate; then the best chunks near the top are shown.
     ranked = sorted(zip(chunks, scores), key=lambda cs: -(cs[1][0] + cs[1][1] * 0.5))
@@ -196,8 +203,26 @@ def answer_stream(*, user, question: str, conversation=None, filters: dict | Non
     relevant = [(c, cos) for c, (cos, cov) in ranked if answerable and cos + cov * 0.5 >= best - SOURCE_MARGIN]
     relevant = relevant[:MAX_SOURCES]
     sources = [_source_dict(i + 1, c) | {"relevance": round(cos, 4)} for i, (c, cos) in enumerate(relevant)]
+    return Selection(chunks=chunks, scores=scores, sources=sources, retrieve_ms=retrieve_ms)
+
+
+def answer_stream(*, user, question: str, conversation=None, filters: dict | None = None,
+                  purpose: str = "qa", via: str = "web", use_model: bool = True) -> Iterator[dict]:
+    """Yield events: sources, token (text pieces), replace (final text when guarded), done (verified answer).
+
+    ``sources`` and ``done`` carry ``retrieve_ms``: the time of the retrieve() call for this question.
+    """
+    from knowledge.portal import services
+
+    question = (question or "").strip()
+    if not question:
+        raise ValueError(_("Please type a question."))
+    history = list(conversation.messages.filter(role="user").values_list("search_query", flat=True)) if conversation else []
+    search_query = question_rewrite(question=question, history=[h for h in history if h])
+    sel = sources_select(query=search_query, user=user, filters=filters)
+    chunks, sources = sel.chunks, sel.sources
     yield {"event": "sources", "sources": [{k: v for k, v in s.items() if k != "text"} | {"snippet": s["text"][:300]}
-                                           for s in sources]}
+                                           for s in sources], "retrieve_ms": sel.retrieve_ms}
     not_found = not sources
     text = ""
     if not_found:
@@ -238,7 +263,7 @@ def answer_stream(*, user, question: str, conversation=None, filters: dict | Non
     message = services.answer_record(user=user, conversation=conversation, question=question, search_query=search_query,
                                      text=text, citations=citations, sources=sources, not_found=not_found,
                                      shown_chunks=chunks, via=via)
-    yield {"event": "done", "text": text, "citations": citations, "not_found": not_found,
+    yield {"event": "done", "text": text, "citations": citations, "not_found": not_found, "retrieve_ms": sel.retrieve_ms,
            "message_id": message.pk if message else None, "conversation_id": conversation.pk if conversation else None}
 
 
@@ -254,4 +279,5 @@ def answer_compose(*, user, question: str, conversation=None, filters: dict | No
         elif event["event"] == "done":
             done = event
     return Answer(text=done["text"], citations=done["citations"], sources=sources, not_found=done["not_found"],
-                  message_id=done["message_id"], conversation_id=done["conversation_id"])
+                  message_id=done["message_id"], conversation_id=done["conversation_id"],
+                  retrieve_ms=done.get("retrieve_ms"))
