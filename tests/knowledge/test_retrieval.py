@@ -102,3 +102,20 @@ def test_filters_and_named_document_detection(make_user, data_dir, write_report)
     with pytest.raises(ValueError, match="Unknown filter"):
         retrieve(query=q, user=owner, filters={"colour": "red"})
     assert Chunk.objects.filter(document=a).exists()
+
+
+def test_chinese_question_ranks_by_bm25_with_an_english_only_embedder(make_user, data_dir, write_report):
+    """The default embedder's model card says English: for a Chinese question its dense list weighs 0, so the
+    fused scores are BM25's RRF scores (1/61 for the top hit); an English question fuses both lists."""
+    owner = make_user("ann")
+    revenue = _ingest(owner=owner, write_report=write_report, name="zh-revenue.md", visibility="firm",
+                      text="# 经营情况\n\n公司本季度营业收入增长百分之十二，达到四十二亿元，主要来自欧洲云服务订阅。\n")
+    _ingest(owner=owner, write_report=write_report, name="zh-weather.md", visibility="firm",
+            text="# 天气\n\n今天上海天气晴朗，气温二十度，适合户外运动。\n")
+    english_doc = _ingest(owner=owner, write_report=write_report, name="en-revenue.md", visibility="firm",
+                          text="# Results\n\nRevenue grew 12 percent this quarter, led by cloud subscriptions in Europe.\n")
+    hits = retrieve(query="公司本季度营业收入增长了多少？", user=owner, k=2)
+    assert hits[0].document_id == revenue.pk
+    assert hits[0].score == pytest.approx(1 / 61)
+    english = retrieve(query="How much did revenue grow this quarter in Europe?", user=owner, k=2)
+    assert english[0].document_id == english_doc.pk and english[0].score > 1 / 61  # dense and BM25 both count
