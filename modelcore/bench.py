@@ -6,8 +6,9 @@
 Each engine runs in its own subprocess (so peak RSS is its own) with the same thread count. Figures:
 load time, prefill tok/s for 512- and 2048-token prompts, time to first token for a 194-token prompt,
 greedy decode tok/s at batch 1 and 8 (64 new tokens after a 64-token prompt), peak RSS, and for ours the
-bytes of weights. llama.cpp runs through llama-cpp-python from a separate venv (`--llama-python`,
-default /tmp/llamavenv/bin/python); it is skipped with a note when that venv is missing.
+bytes of weights. llama.cpp runs through llama-cpp-python from a separate venv (`--llama-python` or
+$KD_LLAMA_PYTHON, default /tmp/llamavenv/bin/python), on the same GGUF file with the same thread count,
+driving llama.cpp's C API so that batch 8 is measured too; it is skipped with a note when that venv is missing.
 This module imports torch lazily so the llama.cpp child can run from a venv without torch.
 """
 from __future__ import annotations
@@ -143,6 +144,8 @@ def _bench_llamacpp(*, model_path: Path, decode_tokens: int, threads: int, lengt
     import llama_cpp as L
     import numpy as np
 
+    quiet = L.llama_log_callback(lambda level, text, user: None)  # llama.cpp logs every context to stderr
+    L.llama_log_set(quiet, None)
     L.llama_backend_init()
     t0 = time.perf_counter()
     mparams = L.llama_model_default_params()
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--prefill-lengths", default="512,2048")
-    ap.add_argument("--llama-python", default="/tmp/llamavenv/bin/python")
+    ap.add_argument("--llama-python", default=os.environ.get("KD_LLAMA_PYTHON", "/tmp/llamavenv/bin/python"),
+                    help="interpreter of the venv holding llama-cpp-python (env KD_LLAMA_PYTHON)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "modelcore_cpu.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
