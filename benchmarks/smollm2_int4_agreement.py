@@ -1,6 +1,10 @@
 """How closely SmolLM2 loaded as int4 (Q4_1 codes taken directly) / int8 follows the float load.
 
-    python benchmarks/smollm2_int4_agreement.py [--tokens 32] [--out benchmarks/results/smollm2_int4_agreement.json]
+    python benchmarks/smollm2_int4_agreement.py [--tokens 32] [--modes int4,int8,int4_emb4] \
+        [--out benchmarks/results/smollm2_int4_agreement.json]
+
+Modes: int4 (Q4_1 codes kept, embeddings and tied head int8), int8, int4_emb4 (int4 with the tied embedding and
+head int4 too, group 32: the setting that brings resident weights from 0.35x to 0.31x of bf16).
 
 For 5 chat prompts (English and Chinese, the parity test's): greedy continuations of the float model, then
 with teacher forcing on those continuations the top-1 agreement and logit cosine of each quantized model,
@@ -22,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from modelcore.auto import AutoModel  # noqa: E402
 from modelcore.defaults import default_generator_path  # noqa: E402
 from modelcore.generate import decode_one_token, prefill  # noqa: E402
+from modelcore.quant import quantized_nbytes  # noqa: E402
 
 PROMPTS = [
     "What drove the increase in operating margin in fiscal 2019?",
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="int4,int8,int4_emb4")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "smollm2_int4_agreement.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -58,9 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt") for p in PROMPTS]
     conts = [greedy(ref, ids, a.tokens) for ids in prompts]
     results: dict[str, dict] = {}
-    for mode in ("int4", "int8"):
+    for mode in a.modes.split(","):
         t0 = time.perf_counter()
-        q = AutoModel.from_pretrained(path, device_map="cpu", quantization=mode)
+        kw = {"quantization": "int4", "embeddings": "int4"} if mode == "int4_emb4" else {"quantization": mode}
+        q = AutoModel.from_pretrained(path, device_map="cpu", **kw)
         per_prompt = []
         agree = total = 0
         cos_sum = 0.0
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                 per_prompt.append({"prompt": p, "teacher_forced_top1": round(hit / len(cont), 4), "cos_min": round(float(cos.min()), 5),
                                    "greedy_exact": own == cont, "greedy_common_prefix": prefix,
                                    "float_text": tok.decode(cont), "quant_text": tok.decode(own)})
-        results[mode] = {"teacher_forced_top1": round(agree / total, 4), "logits_cos_mean": round(cos_sum / total, 5),
+        results[mode] = {"weights_mib": round(quantized_nbytes(q) / 2**20, 1), "teacher_forced_top1": round(agree / total, 4), "logits_cos_mean": round(cos_sum / total, 5),
                          "greedy_exact_prompts": sum(r["greedy_exact"] for r in per_prompt),
                          "greedy_common_prefix_mean": sum(r["greedy_common_prefix"] for r in per_prompt) / len(per_prompt),
                          "seconds": round(time.perf_counter() - t0, 1), "per_prompt": per_prompt}

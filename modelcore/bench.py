@@ -1,12 +1,13 @@
 """CPU benchmark of the bundled GGUF generator: ours (float/int8/int4) vs transformers (fp32 eager) vs llama.cpp.
 
-    python -m modelcore bench [--engines ours-int4,ours-int8,ours-bf16,ours-fp32,transformers,llamacpp] \
+    python -m modelcore bench [--engines ours-int4,ours-int8,ours-bf16,ours-fp32,transformers,llamacpp,sizes] \
         [--threads 2] [--decode-tokens 64] [--out benchmarks/results/modelcore_cpu.json]
 
 Each engine runs in its own subprocess (so peak RSS is its own) with the same thread count. Figures:
 load time, prefill tok/s for 512- and 2048-token prompts, time to first token for a 194-token prompt,
 greedy decode tok/s at batch 1 and 8 (64 new tokens after a 64-token prompt), peak RSS, and for ours the
-bytes of weights. llama.cpp runs through llama-cpp-python from a separate venv (`--llama-python` or
+bytes of weights; engine "sizes" loads bf16/int8/int4/int4 with int4 embeddings and reports their resident
+weight bytes (all parameters and buffers). llama.cpp runs through llama-cpp-python from a separate venv (`--llama-python` or
 $KD_LLAMA_PYTHON, default /tmp/llamavenv/bin/python), on the same GGUF file with the same thread count,
 driving llama.cpp's C API so that batch 8 is measured too; it is skipped with a note when that venv is missing.
 This module imports torch lazily so the llama.cpp child can run from a venv without torch.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KD_SHARED_DIR") or REPO.parent / "shared")
-ENGINES = ("ours-int4", "ours-int8", "ours-bf16", "ours-fp32", "transformers", "llamacpp")
+ENGINES = ("ours-int4", "ours-int8", "ours-bf16", "ours-fp32", "transformers", "llamacpp", "sizes")  # + "ours-int4-emb4"
 TTFT_PROMPT = 194  # tokens, the size the reference llama.cpp figure was measured at
 
 
@@ -49,10 +50,11 @@ def _bench_ours(mode: str, *, model_path: Path, decode_tokens: int, lengths: tup
     from modelcore.generate import decode_one_token, prefill
     from modelcore.quant import quantized_nbytes
 
-    quant = {"ours-int4": "int4", "ours-int8": "int8"}.get(mode)
+    quant = {"ours-int4": "int4", "ours-int8": "int8", "ours-int4-emb4": "int4"}.get(mode)
+    extra = {"embeddings": "int4"} if mode == "ours-int4-emb4" else {}
     dtype = torch.float32 if mode == "ours-fp32" else torch.bfloat16
     t0 = time.perf_counter()
-    model = AutoModel.from_pretrained(model_path, device_map="cpu", quantization=quant, dtype=dtype)
+    model = AutoModel.from_pretrained(model_path, device_map="cpu", quantization=quant, dtype=dtype, **extra)
     load_s = time.perf_counter() - t0
     enc = lambda s: model.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
 
@@ -230,6 +232,31 @@ def _bench_llamacpp(*, model_path: Path, decode_tokens: int, threads: int, lengt
     return out | {"load_s": round(load_s, 3), "llama_cpp_python": L.__version__, "api": "llama_decode (C API), greedy argmax"}
 
 
+# ---------------------------------------------------------------- resident weight sizes
+SIZE_CONFIGS = {
+    "bf16": {"dtype": "bfloat16"},
+    "int8": {"quantization": "int8", "dtype": "bfloat16"},
+    "int4": {"quantization": "int4", "dtype": "bfloat16"},  # Q4_1 codes kept; tied embedding/head int8
+    "int4_emb4": {"quantization": "int4", "dtype": "bfloat16", "embeddings": "int4"},  # tied embedding/head int4 too
+    "int4_g64_emb4": {"quantization": "int4", "dtype": "bfloat16", "embeddings": "int4", "group_size": 64},
+}
+
+
+def _sizes(*, model_path: Path) -> dict:
+    """Bytes of every parameter and buffer (tensors shared by tied modules counted once) per configuration."""
+    from modelcore.auto import AutoModel
+    from modelcore.quant import quantized_nbytes
+
+    out: dict = {}
+    for name, kw in SIZE_CONFIGS.items():
+        model = AutoModel.from_pretrained(model_path, device_map="cpu", **kw)
+        out[name] = {"weights_mib": round(quantized_nbytes(model) / 2**20, 2)}
+        del model
+    for r in out.values():
+        r["vs_bf16"] = round(r["weights_mib"] / out["bf16"]["weights_mib"], 4)
+    return out | {"counted": "all parameters and buffers, shared tensors once (modelcore.quant.quantized_nbytes)"}
+
+
 # ---------------------------------------------------------------- driver
 def _child(engine: str, *, model_path: Path, threads: int, decode_tokens: int, lengths: tuple[int, ...]) -> dict:
     if engine != "llamacpp":
@@ -238,6 +265,8 @@ def _child(engine: str, *, model_path: Path, threads: int, decode_tokens: int, l
         torch.set_num_threads(threads)
     if engine.startswith("ours-"):
         res = _bench_ours(engine, model_path=model_path, decode_tokens=decode_tokens, lengths=lengths)
+    elif engine == "sizes":
+        res = _sizes(model_path=model_path)
     elif engine == "transformers":
         res = _bench_transformers(model_path=model_path, decode_tokens=decode_tokens, lengths=lengths)
     else:

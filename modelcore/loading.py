@@ -274,7 +274,10 @@ def _dequantized(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | 
     if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
         return None
     if callable(getattr(module, "dequantize", None)):
-        return module.dequantize().to(dtype)
+        try:
+            return module.dequantize().to(dtype)
+        except NotImplementedError:  # a packed layout that cannot be read back (CUDA int4): ask the forward
+            pass
     with torch.no_grad():
         if hasattr(module, "in_features") and hasattr(module, "out_features"):
             device = next(iter(module.buffers())).device
