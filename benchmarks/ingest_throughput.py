@@ -45,6 +45,12 @@ def setup(data_dir: Path) -> None:
     call_command("migrate", verbosity=0)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -78,19 +84,21 @@ def main() -> int:
     emb = embedder()
     owner = get_user_model().objects.create_superuser("bench", password="bench-password-1")
     stage_s: dict[str, float] = defaultdict(float)
+    stage_cpu: dict[str, float] = defaultdict(float)  # this process's CPU seconds (all its threads): robust on a busy host
     per_doc, problems = [], []
     finished = Status.EMBEDDING if args.until == "chunk" else Status.INDEXED  # where a good document ends
     total_t = time.perf_counter()
     for folder, path in files:
         doc = services.document_accept(uploader=owner, path=path, filename=path.name, visibility="firm", enqueue=False).document
-        times = {}
+        times, cpu = {}, {}
         for stage, run in STAGES[: 3 if args.until == "chunk" else 5]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 run(document_id=doc.pk)
             except Exception as exc:  # noqa: BLE001 - recorded as the document's failure, like the worker does
                 stage_fail(document_id=doc.pk, stage=stage, exc=exc)
             times[stage] = time.perf_counter() - t
+            cpu[stage] = time.process_time() - c
             if Document.objects.filter(pk=doc.pk, status=Status.FAILED).exists():
                 break
         doc.refresh_from_db()
@@ -99,6 +107,7 @@ def main() -> int:
         if doc.status == finished:  # only finished documents count towards throughput
             for stage, secs in times.items():
                 stage_s[stage] += secs
+                stage_cpu[stage] += cpu[stage]
         row = {"folder": folder, "file": path.name, "status": doc.status, "reason": doc.status_reason,
                "pages": doc.page_count, "chunks": len(chunks), "pages_valid": ok_pages,
                "seconds": {k: round(v, 3) for k, v in times.items()}}
@@ -131,7 +140,10 @@ def main() -> int:
         "pages_per_s": round(pages / busy, 3) if busy else None,
         "chunks_per_s": round(chunks / busy, 3) if busy else None,
         "stages": {s: {"seconds": round(v, 2), "pages_per_s": round(pages / v, 2) if v else None,
-                       "chunks_per_s": round(chunks / v, 2) if v else None} for s, v in stage_s.items()},
+                       "chunks_per_s": round(chunks / v, 2) if v else None, "cpu_seconds": round(stage_cpu[s], 2)}
+                   for s, v in stage_s.items()},
+        "torch_threads": torch_threads(),
+        "pages_per_cpu_s": round(pages / sum(stage_cpu.values()), 3) if stage_cpu else None,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "problems": problems,
         "expected_indexed_from_bad": sorted(READABLE_DESPITE_DAMAGE),

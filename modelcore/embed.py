@@ -48,6 +48,8 @@ class Embedder(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def token_starts(self, text: str) -> list[int]: ...
+
 
 def check_texts(texts: object, batch_size: int) -> list[str]:
     """Validate ``embed`` arguments with messages that say what is wrong."""
