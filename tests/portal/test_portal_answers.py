@@ -143,9 +143,10 @@ def test_streaming_ask_keeps_conversation_and_rewrites_follow_up(corpus):
     conv = Conversation.objects.get(pk=done["conversation_id"], owner=corpus["alice"])
     page = c.get(done["citations"][0]["url"])
     assert page.status_code == 200 and b'<mark class="cited">' in page.content
-    follow = _events(c.post("/ask/stream/", {"question": "On what date was it signed?", "conversation": conv.pk},
+    follow = _events(c.post("/ask/stream/", {"question": "And who is the trustee?", "conversation": conv.pk},
                             HTTP_X_CSRFTOKEN=token))
-    assert follow[-1]["event"] == "done"
+    assert follow[-1]["event"] == "done" and follow[-1]["citations"] and not follow[-1]["not_found"]
+    assert "Trust" in follow[-1]["text"]
     questions = list(conv.messages.filter(role="user").values_list("search_query", flat=True))
     assert len(questions) == 2 and "Company Secretary" in questions[1]
     ask = AuditEvent.objects.filter(action="ask", user=corpus["alice"]).first()
