@@ -11,8 +11,9 @@ Kernels. On CPU PyTorch ships packed weight-only kernels that are fast only for 
 `(code - 8) * scale + zero`, so our asymmetric `code * scale + min` maps to `zero = min + 8 * scale`.
 kernel="packed" runs the matmul in bfloat16 and returns the input's dtype; kernel="fallback" dequantizes
 into the input's dtype and calls `F.linear` (the naive twin the tests check the packed path against).
-Both kernels take bfloat16 scales, so our quantizers make bfloat16-representable scales (and zeros): the
-packed path then differs from the fallback only by the bf16 rounding of activations in and out.
+Both kernels take bfloat16 scales, so `quantize_int8` and `quantize_int4(refine=True)` make bfloat16-representable
+scales (and zeros): the packed path then differs from the fallback only by the bf16 rounding of activations in
+and out. (Q4_1 codes from a GGUF keep their float16 scale/min; the packed int4 kernel rounds those to bf16.)
 `cat_linears` fuses quantized linears along out_features (q/k/v, gate/up) without touching their codes.
 """
 from __future__ import annotations
