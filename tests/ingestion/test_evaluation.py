@@ -64,7 +64,8 @@ def test_evaluate_retrieval_command_small_real_run(tmp_path: Path, shared_dir: P
             assert set(m) == {"recall@5", "mrr@10", "ndcg@10"} and all(0.0 <= v <= 1.0 for v in m.values())
     # Two Chinese passages: a BM25 search by the question nearly always lands on its own passage.
     assert res["datasets"]["cmrc2018"]["bm25"]["mrr@10"] > 0.8
-    assert res["best_embedder_by_hybrid_ndcg"] == "minilm"
+    assert res["best_embedder_by_hybrid_ndcg"] == "minilm" and res["default_embedder"] == "minilm"
+    assert res["embedders"]["minilm"]["passages_per_cpu_s"] > 0
     assert "| cmrc2018 | hybrid | minilm |" in out.with_suffix(".md").read_text()
     # MiniLM's model card covers English only: Chinese questions rank by BM25 (dense only fills in after it).
     assert res["embedders"]["minilm"]["languages"] == ["en"]
@@ -91,3 +92,16 @@ def test_multilingual_e5_candidate_matches_chinese_question_to_its_passage() -> 
     assert (q @ p.T).argmax(axis=1).tolist() == [0, 2]
     with pytest.raises(ValueError, match="unknown embedder"):
         load_candidate("word2vec")
+
+
+def test_default_is_the_fastest_of_the_embedders_close_to_the_best() -> None:
+    from ingestion.evaluation import best_by_quality, pick_default
+
+    def res(a: float, b: float, speed_a: float, speed_b: float) -> dict:
+        ndcg = lambda v: {"ndcg@10": v}  # noqa: E731
+        return {"embedders": {"a": {"passages_per_cpu_s": speed_a}, "b": {"passages_per_cpu_s": speed_b}},
+                "datasets": {"x": {"hybrid": {"a": ndcg(a), "b": ndcg(b)}}}}
+
+    assert pick_default(res(0.730, 0.735, 30.0, 5.0)) == "a"  # within 0.01: the faster one
+    assert best_by_quality(res(0.730, 0.735, 30.0, 5.0)) == "b"
+    assert pick_default(res(0.700, 0.735, 30.0, 5.0)) == "b"  # clearly better quality wins

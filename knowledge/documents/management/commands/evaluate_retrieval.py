@@ -37,7 +37,11 @@ class Command(BaseCommand):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
         table = markdown(results)
-        out.with_suffix(".md").write_text(f"# Retrieval evaluation\n\n`{results['command']}`\n\n{table}\n"
-                                          f"Best embedder by mean hybrid nDCG@10: {results['best_embedder_by_hybrid_ndcg']}\n")
+        speeds = "\n".join(f"- {n}: {e.get('passages_per_cpu_s')} passages per CPU-second" for n, e in results["embedders"].items())
+        out.with_suffix(".md").write_text(
+            f"# Retrieval evaluation\n\n`{results['command']}`\n\n{table}\n"
+            f"Embedding speed ({results['speed_probe']}):\n{speeds}\n\n"
+            f"Best embedder by mean hybrid nDCG@10: {results['best_embedder_by_hybrid_ndcg']}\n"
+            f"Default by the rule ({results['default_rule']}): {results['default_embedder']}\n")
         self.stdout.write(table)
         self.stdout.write(f"saved {out} and {out.with_suffix('.md')}")
