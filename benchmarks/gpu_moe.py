@@ -9,6 +9,8 @@ times greedy decode steps at each batch size, for:
 * ours_graph_gemv    - as ours_graph_grouped, but few-token steps use the Triton GEMV kernels (modelcore/moe_kernels.py)
 * ours_compiled_graph_{grouped,gemv} - each Block through torch.compile (Inductor fuses the small ops), then captured
 * hf_default         - transformers' DeepseekV2ForCausalLM with its default attention/experts implementation
+* ours_product_generate (--product-only) - plain model.generate: modelcore's own CUDA path (packed experts, GEMV for
+                       few tokens, compiled blocks, CUDA graph), no benchmark-side machinery
 
 Before timing it checks the grouped dispatch against the sorted one and the graph replay against the eager step.
 Prints a table and writes JSON (default benchmarks/results/gpu_moe.json).
@@ -141,6 +143,33 @@ class DecodeStep:
             self.graph.replay()
             return self.logits
         return self.step()
+
+
+def time_product(model: Transformer, *, batch: int, prompt: int, new: int, seed: int) -> dict[str, Any]:
+    """Decode tok/s through the product path, model.generate (on CUDA: packed experts, compiled blocks, CUDA graph
+    replay per token, all inside modelcore.generate); decode time = generate(new + 1) - generate(1)."""
+    for m in model.modules():  # undo use_dispatch's benchmark-only switches: the product defaults
+        if isinstance(m, MoE):
+            m.packed = getattr(m, "_pack_store", m.packed)
+            m.gemv_max_pairs = 16
+    device = model.device
+    ids = torch.randint(0, model.args.vocab_size, (batch, prompt), device=device,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+    gen = lambda n: model.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
+
+    def timed(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        gen(n)
+        sync(device)
+        return time.perf_counter() - t
+
+    first = timed(new + 1)  # compile + capture, once per shape
+    t1 = min(timed(1) for _ in range(3))
+    tn = min(timed(new + 1) for _ in range(2))
+    return {"batch": batch, "new_tokens": new, "ms_per_step": 1000 * (tn - t1) / new, "tok_per_s": batch * new / (tn - t1),
+            "first_call_seconds": first, "graphs": bool(model.__dict__.get("_graph_decoders")),
+            "compiled": model.__dict__.get("_compiled_blocks") is not None}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -340,6 +369,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variant")
     ap.add_argument("--profile", action="store_true", help="only profile the compiled batch-1 decode step (kernel table)")
+    ap.add_argument("--product-only", action="store_true", help="only time model.generate (the product path)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu_moe.json"))
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -374,6 +404,18 @@ def main() -> None:
             if isinstance(m, MoE):
                 m.gemv_options = {key: result["gemv_tuning"]["best"][key] for key in ("block_n", "block_k", "num_warps")}
         profile_step(model, batch=a.batches[0], prompt=a.prompt, out=Path(a.out).with_suffix(".profile.txt"))
+        return
+    if a.product_only:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        runs = []
+        for batch in a.batches:
+            r = time_product(model, batch=batch, prompt=a.prompt, new=a.new, seed=1)
+            print(f"ours_product_generate batch {batch:3d}: {r['tok_per_s']:9.1f} tok/s  ({r['ms_per_step']:.2f} ms/step), "
+                  f"first call {r['first_call_seconds']:.1f} s", flush=True)
+            runs.append(r)
+            result["ours_product_generate"] = runs
+            out.write_text(json.dumps(result, indent=2, default=str))
         return
     result["checks"] = check_ours(model, device)
     print("checks", result["checks"], flush=True)

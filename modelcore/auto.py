@@ -84,10 +84,11 @@ class AutoModel:
     @staticmethod
     def from_pretrained(path: str | Path, *, device_map: str | torch.device | None = "auto", quantization: str | None = None,
                         dtype: str | torch.dtype | None = None, load_tokenizer: bool = True, attention: str | None = None,
-                        routing: str | None = None, **quant_options: Any):
+                        routing: str | None = None, fuse: bool = True, **quant_options: Any):
         """Load a model ready for inference (eval mode, no grad). dtype defaults to the checkpoint's own.
 
         attention / routing: see configure_modes (None = the model's own; a mode the model lacks is a ValueError).
+        fuse: concatenate q/k/v and gate/up into one matmul each (Transformer.fuse_projections) where possible.
         """
         from modelcore.loading import QUANT_FILE, build_model, load_config, load_state_dict, parse_dtype
         from modelcore.tokenizer import AutoTokenizer
@@ -133,11 +134,15 @@ class AutoModel:
                     quantization = stored
             if load_tokenizer and (p / "tokenizer.json").is_file():
                 tokenizer = AutoTokenizer.from_pretrained(p)
+        if fuse and not prequantized:  # float weights: fuse first, so any quantized layout (CUDA int4 too) gets fused codes
+            model.fuse_projections()
         if quantization is not None:
             from modelcore.quant import quantize_model
 
             quantize_model(model, quantization, prequantized=prequantized, **quant_options)
             model.to(device)
         configure_modes(model, attention=attention, routing=routing)
+        if fuse and prequantized:  # GGUF int4 codes arrive per q/k/v, gate/up: concatenate them as they are
+            model.fuse_projections()
         model.tokenizer = tokenizer
         return model

@@ -35,18 +35,26 @@ class KVCache:
         """Write k/v (B, H, T, D) at slots `positions` (B, T); return the whole buffers."""
         b, h, t, _ = k.shape
         assert positions.shape == (b, t), f"positions {tuple(positions.shape)} != {(b, t)}"
-        if t == 1 or bool((positions[:, 1:] - positions[:, :-1] == 1).all()):
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # the cache may be kept in float32 under bf16 activations
+        if t > 1 and bool((positions[:, 1:] - positions[:, :-1] == 1).all()):  # prefill: contiguous runs
             start = positions[:, 0]
             if bool((start == start[0]).all()) and b == self.batch:  # same offset everywhere: one slice copy
                 s0 = int(start[0])
                 self.k[:, :, s0:s0 + t] = k
                 self.v[:, :, s0:s0 + t] = v
                 return self.k, self.v
+        # decode (t == 1) and ragged rows: a scatter at the positions; no host read, so CUDA graphs can capture it
         idx_k = positions[:, None, :, None].expand(b, h, t, self.k.shape[-1])  # (B, H, T, D)
         idx_v = positions[:, None, :, None].expand(b, h, t, self.v.shape[-1])
         self.k[:b].scatter_(2, idx_k, k)
         self.v[:b].scatter_(2, idx_v, v)
         return self.k, self.v
+
+    def write_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k/v (B, H, T, D) at slots 0..T-1 of rows 0..B-1 (an unpadded prompt): no position checks, no host reads."""
+        b, _, t, _ = k.shape
+        self.k[:b, :, :t] = k
+        self.v[:b, :, :t] = v
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (in that order), e.g. after finished requests leave a batch."""

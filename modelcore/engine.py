@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from modelcore.errors import GenerationConfigError, PromptError
-from modelcore.generate import SamplingParams, apply_repetition_penalty, sample
+from modelcore.generate import GraphDecoder, SamplingParams, apply_repetition_penalty, sample, use_compile, use_cuda_graphs
 
 _END = object()
 
@@ -230,6 +230,8 @@ class Engine:
         eos = list(model.args.eos_token_id) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         self.eos_token_ids = eos
         self._cache = model.new_cache(max_batch, self.max_context)
+        self._graphs: dict[int, GraphDecoder] = {}  # CUDA: captured decode step per number of active rows
+        self._use_graphs = use_cuda_graphs(model)
         self._rows: list[RowState] = []  # active requests; index == cache row
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -356,13 +358,29 @@ class Engine:
         tokens = torch.tensor([st.last for st in self._rows], dtype=torch.long, device=self.model.device)
         positions = torch.tensor([st.pos for st in self._rows], dtype=torch.long, device=self.model.device)
         try:
-            out = self.model(tokens[:, None], positions=positions[:, None], cache=rows_view(self._cache, 0, n))
+            if self._use_graphs:  # one captured step per active-row count, over rows 0..n-1 of the cache
+                dec = self._graphs.get(n)
+                if dec is None:
+                    dec = self._graphs[n] = GraphDecoder(self.model, n, self.max_context, cache=rows_view(self._cache, 0, n),
+                                                         compiled=use_compile(self.model))
+                try:
+                    logits = dec(tokens, positions)  # (n, V)
+                except RuntimeError:
+                    if dec.graph is not None:
+                        raise
+                    import logging  # capture failed: serve on without graphs (the warm-up wrote nothing wrong: same K/V)
+
+                    logging.getLogger(__name__).warning("CUDA graph capture failed; the Engine decodes eagerly", exc_info=True)
+                    self._use_graphs, self._graphs = False, {}
+                    logits = self.model(tokens[:, None], positions=positions[:, None],
+                                        cache=rows_view(self._cache, 0, n)).logits[:, -1]
+            else:
+                logits = self.model(tokens[:, None], positions=positions[:, None], cache=rows_view(self._cache, 0, n)).logits[:, -1]
         except Exception as exc:  # a failing batched step fails its requests, not the Engine
             for st in self._rows:
                 st.req.fail(exc)
             self._rows.clear()
             return
-        logits = out.logits[:, -1]  # (n, V)
         self._advance(list(zip(self._rows, logits)))
 
     def _advance(self, pairs: list[tuple[RowState, torch.Tensor]]) -> None:

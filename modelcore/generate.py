@@ -5,6 +5,7 @@ own KV-cache slots, so a batch gives the same greedy tokens as each prompt alone
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -75,7 +76,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the prompt through the model once, filling `cache`; returns (last-token logits (B, V), next positions (B,))."""
     positions = positions_from_mask(attention_mask)  # (B, T)
-    hidden = model.forward_hidden(input_ids, positions=positions, cache=cache)  # (B, T, D)
+    if bool(attention_mask.all()):  # no padding: positions 0..T-1, the model may use its causal kernel
+        hidden = model.forward_hidden(input_ids, cache=cache)  # (B, T, D)
+    else:
+        hidden = model.forward_hidden(input_ids, positions=positions, cache=cache)  # (B, T, D)
     last = torch.where(attention_mask.bool(), positions, -1).argmax(-1)  # index of each row's last real token
     h_last = hidden[torch.arange(hidden.shape[0]), last]  # (B, D)
     return model.lm_head(h_last), attention_mask.long().sum(-1)
@@ -85,6 +89,108 @@ def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache
     """One decoding step for every row: tokens (B,) at positions (B,) -> logits (B, V)."""
     out = model(tokens[:, None], positions=positions[:, None], cache=cache)
     return out.logits[:, -1]
+
+
+class GraphDecoder:
+    """CUDA decode step for a fixed batch size over a static KV cache, captured once as a CUDA graph and replayed.
+
+    The step reads its inputs from static buffers (tokens, positions), writes K/V at the positions with a scatter
+    and attends over all `max_len` cache slots under the causal mask (slots past a row's position are hidden), so
+    it has fixed shapes and no host reads: one graph launch per token instead of hundreds of kernel launches.
+    Built and cached by `graph_decoder(model, batch, need)`; prefill writes into `.cache` with the eager model.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, cache: list | None = None, compiled: bool = False):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.cache = cache if cache is not None else model.new_cache(batch, max_len)
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=model.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.blocks = compiled_blocks(model) if compiled else None
+
+    def _step(self) -> torch.Tensor:
+        h = self.model.forward_hidden(self.tokens[:, None], positions=self.positions[:, None], cache=self.cache,
+                                      kv_len=self.max_len, blocks=self.blocks)  # (B, 1, D)
+        return self.model.lm_head(h[:, -1])  # (B, V)
+
+    def _capture(self) -> None:
+        # warm-up runs (same inputs: they write the same K/V the real step writes) compile, load kernels and tables
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step()
+        self.graph = graph
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for tokens (B,) at positions (B,); K/V land in self.cache. Valid until the next call."""
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        if self.graph is None:
+            try:
+                self._capture()
+            except Exception:  # noqa: BLE001 - a compiler failure must not stop generation: capture the eager blocks
+                if self.blocks is None:
+                    raise
+                import logging
+
+                logging.getLogger(__name__).warning("torch.compile of the decode step failed; using eager blocks",
+                                                    exc_info=True)
+                self.blocks = None
+                self.model.__dict__["_compiled_blocks"] = None
+                self._capture()
+        self.graph.replay()
+        return self.logits
+
+
+def compiled_blocks(model) -> list | None:
+    """The model's blocks through torch.compile (Inductor fuses each block's small ops; identical blocks share one
+    compiled graph), built once per model; None when compilation is off or failed before."""
+    if "_compiled_blocks" not in model.__dict__:
+        model.__dict__["_compiled_blocks"] = [torch.compile(layer, dynamic=False) for layer in model.model.layers]
+    return model.__dict__["_compiled_blocks"]
+
+
+def use_cuda_graphs(model) -> bool:
+    """CUDA graphs for decoding: on CUDA, unless $MODELCORE_CUDA_GRAPHS=0 or model.cuda_graphs is False, and only
+    when every layer decodes without host reads (MoE: experts packed for the grouped/GEMV dispatch, which needs
+    bfloat16 plain-Linear experts and the "dispatch" routing; packs them on first use)."""
+    if model.device.type != "cuda" or not getattr(model, "cuda_graphs", True) or os.environ.get("MODELCORE_CUDA_GRAPHS", "1") == "0":
+        return False
+    from modelcore.moe import MoE, pack_experts
+
+    pack_experts(model)
+    return all(m.routing == "dispatch" and m.packed is not None and model.dtype == torch.bfloat16
+               for m in model.modules() if isinstance(m, MoE))
+
+
+def use_compile(model) -> bool:
+    """torch.compile the graphed decode step's blocks: on by default, off with $MODELCORE_COMPILE=0 or
+    model.compile_decode = False (compiling takes tens of seconds once per process and shape)."""
+    return getattr(model, "compile_decode", True) and os.environ.get("MODELCORE_COMPILE", "1") != "0"
+
+
+def graph_decoder(model, batch: int, need: int) -> GraphDecoder:
+    """The model's GraphDecoder for `batch` rows and at least `need` cache slots (lengths bucketed to 256 so
+    graphs are reused across calls; the last two built are kept)."""
+    bucket = min(-(-need // 256) * 256, model.args.max_position_embeddings)
+    bucket = max(bucket, need)
+    graphs: dict = model.__dict__.setdefault("_graph_decoders", {})
+    key = (batch, bucket)
+    dec = graphs.get(key)
+    if dec is None:
+        while len(graphs) >= 2:
+            graphs.pop(next(iter(graphs)))
+        torch.cuda.empty_cache()
+        dec = graphs[key] = GraphDecoder(model, batch, bucket, compiled=use_compile(model))
+    else:
+        graphs[key] = graphs.pop(key)  # most recently used last
+    return dec
 
 
 def _params(model, tokenizer, prompt_len: int, max_new_tokens: int | None, max_length: int | None, do_sample: bool | None,
@@ -172,33 +278,57 @@ class _StopWatch:
 
 def generate_steps(*, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
                    tokenizer=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next ids (B,), active-before-this-step (B,) bool) per step; the caller stops consuming when done."""
+    """Yield (next ids (B,), active-before-this-step (B,) bool), both on the CPU, per step; the caller stops
+    consuming when done.
+
+    One device-to-host read per token. With a CUDA graph the next step is launched before that read, so the GPU
+    computes token n+1 while the host streams token n (one extra step may run after the last one: harmless).
+    """
     b, t = input_ids.shape
     max_pos = model.args.max_position_embeddings
     lengths = attention_mask.sum(-1)
     budget = min(params.max_new_tokens, max_pos - int(lengths.max()))
     if budget < 1:
         raise PromptError(f"the prompt fills the whole context ({max_pos} tokens); nothing can be generated")
-    cache = model.new_cache(b, max(t, int(lengths.max()) + budget))
+    need = max(t, int(lengths.max()) + budget)
+    graph = graph_decoder(model, b, need) if use_cuda_graphs(model) else None
+    cache = graph.cache if graph is not None else model.new_cache(b, need)
     gen = torch.Generator(device=model.device).manual_seed(params.seed) if params.seed is not None else None
     vocab = model.args.vocab_size
-    seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=model.device)
-    if params.repetition_penalty != 1.0:
+    penalty = params.repetition_penalty != 1.0
+    seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=model.device) if penalty else None
+    if seen is not None:
         seen.scatter_(1, torch.where(attention_mask.bool(), input_ids, vocab), True)
-    eos = torch.tensor(params.eos_token_ids or [-1], device=model.device)
-    active = torch.ones(b, dtype=torch.bool, device=model.device)
+    eos = torch.tensor(params.eos_token_ids or [-1])
+    active = torch.ones(b, dtype=torch.bool)
+    rows = torch.arange(b, device=model.device)
+    host = torch.empty(b, dtype=torch.long, pin_memory=graph is not None)
+    ready = torch.cuda.Event() if graph is not None else None
     with torch.inference_mode():
         logits, pos = prefill(model, input_ids, attention_mask, cache)
         for step in range(budget):
-            logits = apply_repetition_penalty(logits[:, :vocab], seen[:, :vocab], params.repetition_penalty)
-            nxt = sample(logits, params=params, generator=gen)  # (B,)
-            yield nxt, active.clone()
-            seen[torch.arange(b), nxt] = True
-            active &= ~torch.isin(nxt, eos)
+            if seen is not None:
+                logits = apply_repetition_penalty(logits[:, :vocab], seen[:, :vocab], params.repetition_penalty)
+            nxt = sample(logits[:, :vocab], params=params, generator=gen)  # (B,) on the device
+            if seen is not None:
+                seen[rows, nxt] = True
+            if ready is not None:  # CUDA: queue the read, launch the next step, then wait for the read only
+                host.copy_(nxt, non_blocking=True)
+                ready.record()
+                if step < budget - 1:
+                    logits = graph(nxt, pos)
+                    pos = pos + 1
+                ready.synchronize()
+            else:
+                host.copy_(nxt)
+            nxt_c = host.clone()
+            yield nxt_c, active.clone()
+            active &= ~torch.isin(nxt_c, eos)
             if not bool(active.any()) or step == budget - 1:
                 return
-            logits = decode_one_token(model, nxt, pos, cache)
-            pos = pos + 1
+            if ready is None:
+                logits = decode_one_token(model, nxt, pos, cache)
+                pos = pos + 1
 
 
 def generate(*, model, input_ids: torch.Tensor | str | list[str] | None = None, attention_mask: torch.Tensor | None = None,

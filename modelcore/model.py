@@ -6,6 +6,9 @@ Module names follow Hugging Face checkpoint keys, so an HF state dict loads 1:1:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,79 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None
 
 
+@functools.cache
+def _cpu_bf16() -> bool:
+    """True when the CPU has bfloat16 dot-product units (then bf16 caches are as fast as float32 ones)."""
+    from modelcore.defaults import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
+PREFILL_DEQUANT_ROWS = 256  # CUDA int4: from this many tokens on, dequantize the layer's weight and run the dense GEMM
+
+
+def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mod(x), except for long inputs to a CUDA int4 linear: its tinygemm kernel is built for a few rows and runs a
+    4k-token prefill ~15x slower than bf16, so the weight is dequantized to bf16 for this call and the dense GEMM used.
+    """
+    if x.is_cuda and getattr(mod, "kernel", None) == "packed" and hasattr(mod, "scales_and_zeros") and \
+            x.numel() >= PREFILL_DEQUANT_ROWS * x.shape[-1]:
+        w = dequantize_cuda_int4(mod.packed, mod.scales_and_zeros, mod.group_size, mod.out_features, mod.in_features)
+        y = F.linear(x.to(w.dtype), w)
+        if mod.bias is not None:
+            y = y + mod.bias.to(y.dtype)
+        return y.to(x.dtype)
+    return mod(x)
+
+
+@functools.cache
+def _cuda_int4_tile_order(device: torch.device) -> torch.Tensor:
+    """For CUDA's int4 layout (`_convert_weight_to_int4pack(.., 8)`: (N/8, K/128, 32, 4) int32, one 8x128 tile per
+    (N/8, K/128) entry): for each tile element (row * 128 + col), the nibble (in memory order) that holds it. Found
+    by packing probes whose codes are 4-bit slices of each element's own index."""
+    idx = torch.arange(8 * 128, device=device).view(8, 128)
+    order = torch.zeros(1024, dtype=torch.long, device=device)
+    for shift in (0, 4, 8):
+        codes = (idx >> shift) & 15  # 4 bits of each element's index
+        packed = torch.ops.aten._convert_weight_to_int4pack(((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8), 8)
+        nib = (packed.reshape(-1, 1) >> torch.arange(0, 32, 4, device=device)) & 15  # (128, 8) nibbles in memory order
+        order |= nib.reshape(-1).long() << shift
+    assert torch.equal(order.sort().values, torch.arange(1024, device=device)), "unexpected CUDA int4 layout"
+    return order.argsort()  # where[e]: the nibble holding tile element e
+
+
+def _dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, where: torch.Tensor, group_size: int,
+                          n: int, k: int) -> torch.Tensor:
+    """bf16 weight (N, K) of a CUDA tinygemm int4 weight: w = (code - 8) * scale + zero, as the kernel computes it.
+
+    where[e]: the nibble (in memory order) that holds element e (row * 128 + col) of each 8x128 tile.
+    """
+    raw = packed.view(torch.uint8).view(n // 8, k // 128, 512)  # little-endian: nibble q is byte q // 2, low half first
+    nib = torch.stack([raw & 15, raw >> 4], dim=-1).view(n // 8, k // 128, 1024)  # (N/8, K/128, 1024) in memory order
+    tiles = nib.index_select(-1, where)  # (N/8, K/128, 8 * 128) in tile order
+    codes = tiles.view(n // 8, k // 128, 8, 128).permute(0, 2, 1, 3).reshape(n, k // group_size, group_size)  # (N, G, g)
+    sz = scales_and_zeros.transpose(0, 1)  # (N, G, 2)
+    w = (codes.to(torch.bfloat16) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(n, k)
+
+
+@functools.cache
+def _compiled_dequantize() -> Any:
+    """_dequantize_cuda_int4 through torch.compile: one fused gather + scale kernel instead of eight passes."""
+    return torch.compile(_dequantize_cuda_int4, dynamic=False)
+
+
+def dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
+    """bf16 weight (N, K) of a CUDA tinygemm int4 weight (layout read back via _cuda_int4_tile_order)."""
+    where = _cuda_int4_tile_order(packed.device)
+    if os.environ.get("MODELCORE_COMPILE", "1") != "0":
+        try:
+            return _compiled_dequantize()(packed, scales_and_zeros, where, group_size, n, k)
+        except Exception:  # noqa: BLE001 - no compiler: the eager twin computes the same
+            pass
+    return _dequantize_cuda_int4(packed, scales_and_zeros, where, group_size, n, k)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 like the reference."""
 
@@ -37,10 +113,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)  # one fused kernel
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -64,6 +137,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=n_rep > 1)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One query per row (T == 1): (B,H,1,D)x(B,Hkv,S,D) -> (B,H,1,D) as two batched matmuls, softmax in float32.
+
+    On CPU this is several times cheaper than SDPA's flash kernel for a single query (no tiling set-up); the GQA
+    query heads of one key/value head are stacked as rows of one matmul, so K/V are never repeated.
+    """
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, d)  # (B, Hkv, rep, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, rep, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(b, h, 1, v.shape[-1])  # (B, H, 1, Dv)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA, GQA, MQA) and RoPE."""
 
@@ -81,23 +170,72 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
-        """Allocate this layer's KV cache."""
+        """Allocate this layer's KV cache (float32 for 16-bit models on a CPU without bf16 units: attention reads it
+        twice as fast there, at twice the cache memory)."""
+        if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_bf16():
+            dtype = torch.float32
         return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, device, dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def fuse(self) -> bool:
+        """Replace q/k/v_proj by one `qkv_proj` (outputs side by side; quantized codes kept as they are). False if not possible."""
+        if hasattr(self, "qkv_proj"):
+            return True
+        from modelcore.quant import cat_linears
+
+        try:
+            self.qkv_proj = cat_linears([self.q_proj, self.k_proj, self.v_proj])
+        except ValueError:  # e.g. CUDA int4 layout: fuse the float model before quantizing instead
+            return False
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B,H,T,D), k, v (B,Hkv,T,D) before RoPE."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        cos, sin = self.rotary(positions, q.dtype)
+        if hasattr(self, "qkv_proj"):
+            qkv = linear(self.qkv_proj, x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+            return qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)  # (B, H|Hkv|Hkv, T, D)
+        q = linear(self.q_proj, x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = linear(self.k_proj, x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = linear(self.v_proj, x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
+                mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """x (B,T,D), positions (B,T), mask (B,1,T,S) (True = may attend); rope: (cos, sin) for `positions` if precomputed.
+
+        causal=True: every row holds positions 0..T-1 (unpadded prompt from the start): mask is ignored and SDPA runs
+        its causal kernel (flash attention on CUDA) over the new keys only.
+        """
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x)
+        cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if causal and not self.naive:
+            if cache is not None:
+                cache.write_prefix(k, v)  # positions are 0..T-1 in every row
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_rep > 1)
+            return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         if cache is not None:
             k_all, v_all = cache.update(positions, k, v)
             s = mask.shape[-1] if mask is not None else cache.max_len
             k, v = k_all[:b, :, :s], v_all[:b, :, :s]  # (B, Hkv, S, D)
-        out = attention(q, k, v, mask, self.scale, naive=self.naive)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        if t == 1 and not self.naive and x.device.type == "cpu":
+            qc = q.to(k.dtype)  # the cache may be float32 while activations are bf16 (see new_cache)
+            if b == 1:
+                out = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_rep > 1)
+            else:
+                out = decode_attention(qc, k, v, mask, self.scale)  # (B, H, 1, D)
+            out = out.to(q.dtype)
+        else:
+            out = attention(q, k, v, mask, self.scale, naive=self.naive)  # (B, H, T, D)
+        return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def unfused_linears(self) -> dict[str, nn.Module]:
+        """Float q/k/v_proj split out of a fused qkv_proj (for saving in the checkpoint's layout)."""
+        sizes = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        return dict(zip(("q_proj", "k_proj", "v_proj"), split_linear(self.qkv_proj, sizes)))
 
 
 class MLP(nn.Module):
@@ -110,8 +248,45 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=bias)
         self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}[act]
 
+    def fuse(self) -> bool:
+        """Replace gate/up_proj by one `gate_up_proj`. False if the modules cannot be concatenated."""
+        if hasattr(self, "gate_up_proj"):
+            return True
+        from modelcore.quant import cat_linears
+
+        try:
+            self.gate_up_proj = cat_linears([self.gate_proj, self.up_proj])
+        except ValueError:
+            return False
+        del self.gate_proj, self.up_proj
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # (..., I) each
+            return linear(self.down_proj, self.act(gate) * up)
+        return linear(self.down_proj, self.act(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+
+    def unfused_linears(self) -> dict[str, nn.Module]:
+        """Float gate/up_proj split out of a fused gate_up_proj."""
+        half = self.down_proj.in_features
+        return dict(zip(("gate_proj", "up_proj"), split_linear(self.gate_up_proj, [half, half])))
+
+
+def split_linear(fused: nn.Module, sizes: list[int]) -> list[nn.Linear]:
+    """Float nn.Linears computing row blocks `sizes` of `fused` (nn.Linear or a quantized twin with dequantize())."""
+    if isinstance(fused, nn.Linear):
+        w, bias = fused.weight, fused.bias
+    else:
+        w, bias = fused.dequantize(), getattr(fused, "bias", None)
+    out = []
+    for wi, bi in zip(w.split(sizes), bias.split(sizes) if bias is not None else [None] * len(sizes)):
+        lin = nn.Linear(wi.shape[1], wi.shape[0], bias=bi is not None, device="meta")
+        lin.weight = nn.Parameter(wi.detach(), requires_grad=False)
+        if bi is not None:
+            lin.bias = nn.Parameter(bi.detach().to(wi.dtype), requires_grad=False)
+        out.append(lin)
+    return out
 
 
 def make_attention(args: ModelArgs, layer_id: int) -> nn.Module:
@@ -142,8 +317,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None, mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, causal: bool = False) -> torch.Tensor:
+        """rope: (cos, sin) shared by every GQA layer of the model, computed once per forward (None: the layer's own);
+        causal: see Attention.forward (GQA layers only; given together with rope)."""
+        if rope is None:
+            x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask, rope=rope, causal=causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -155,6 +336,12 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList([Block(args, i) for i in range(args.n_layers)])
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+        shared: dict[tuple, RotaryEmbedding] = {}  # identical RoPE everywhere: one module, one cos/sin table per device
+        for layer in self.layers:
+            r = getattr(layer.self_attn, "rotary", None)
+            if isinstance(r, RotaryEmbedding):
+                key = (r.dim, r.theta, r.max_pos, repr(sorted(r.cfg.items())))
+                layer.self_attn.rotary = shared.setdefault(key, r)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -211,6 +398,41 @@ class Transformer(nn.Module):
         """One cache per layer for `batch` rows of up to `max_len` tokens."""
         return [layer.self_attn.new_cache(batch, max_len, self.device, self.dtype) for layer in self.model.layers]
 
+    def fuse_projections(self) -> int:
+        """Fuse q/k/v and gate/up into one matmul each, in every layer that allows it (fewer, larger kernels per token).
+
+        Call after quantization on CPU (quantized codes are concatenated as they are) or before it on CUDA (the
+        CUDA int4 layout cannot be concatenated; fusing the float weights first gives the same codes). Returns the
+        number of modules fused. save_pretrained still writes the checkpoint's own q/k/v, gate/up layout.
+        """
+        n = 0
+        for layer in self.model.layers:
+            for mod in (layer.self_attn, layer.mlp):
+                if isinstance(mod, (Attention, MLP)) and mod.fuse():
+                    n += 1
+        return n
+
+    @contextlib.contextmanager
+    def unfused(self):
+        """Temporarily restore the separate q/k/v, gate/up modules (float, split from the fused ones)."""
+        swapped = []
+        for layer in self.model.layers:
+            for mod, name in ((layer.self_attn, "qkv_proj"), (layer.mlp, "gate_up_proj")):
+                fused = getattr(mod, name, None)
+                if fused is not None and isinstance(mod, (Attention, MLP)):
+                    parts = mod.unfused_linears()
+                    del mod._modules[name]
+                    for k, v in parts.items():
+                        setattr(mod, k, v)
+                    swapped.append((mod, name, fused, list(parts)))
+        try:
+            yield self
+        finally:
+            for mod, name, fused, parts in swapped:
+                for k in parts:
+                    delattr(mod, k)
+                setattr(mod, name, fused)
+
     def set_naive_attention(self, naive: bool) -> None:
         """Switch every attention to the explicit-softmax reference (tests)."""
         for layer in self.model.layers:
@@ -218,35 +440,47 @@ class Transformer(nn.Module):
                 layer.self_attn.naive = naive
 
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None, kv_len: int | None = None,
+                       blocks: list | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, D).
 
         positions: (B, T) logical positions; default from attention_mask, else 0..T-1.
         cache: from new_cache(); K/V are written at `positions`, queries see cache slots <= their position.
         attention_mask: (B, T) 0/1 for padded batches (any padding side).
+        kv_len: how many cache slots attention reads (default: up to the largest position, which reads it back to
+        the host); a fixed kv_len (e.g. the cache length) makes the step free of host reads (CUDA graphs).
+        blocks: callables standing in for self.model.layers (e.g. their torch.compile'd forms), same signature.
         """
         b, t = input_ids.shape
+        dev = input_ids.device
+        # an unpadded prompt from position 0: causal SDPA kernel, no mask tensor (GQA models without a window)
+        causal = (positions is None and attention_mask is None and t > 1 and self.args.attention == "gqa"
+                  and self.args.sliding_window is None)
         if positions is None:
             if attention_mask is not None:
-                positions = positions_from_mask(attention_mask.to(input_ids.device))
+                positions = positions_from_mask(attention_mask.to(dev))
             else:
-                positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        if cache is None:
-            valid = attention_mask.to(input_ids.device) if attention_mask is not None else None
+                positions = torch.arange(t, device=dev).expand(b, t)
+        if causal:
+            mask = None
+            assert cache is None or t <= cache[0].max_len, f"{t} tokens beyond cache length {cache[0].max_len}"
+        elif cache is None:
+            valid = attention_mask.to(dev) if attention_mask is not None else None
             mask = build_mask(positions, positions, valid, self.args.sliding_window)
         else:
-            s = int(positions.max()) + 1
+            s = kv_len if kv_len is not None else int(positions.max()) + 1
             assert s <= cache[0].max_len, f"position {s - 1} beyond cache length {cache[0].max_len}"
-            mask = build_mask(positions, torch.arange(s, device=input_ids.device).expand(b, s), window=self.args.sliding_window)
+            mask = build_mask(positions, torch.arange(s, device=dev).expand(b, s), window=self.args.sliding_window)
         h = self.model.embed_tokens(input_ids)  # (B, T, D)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, positions, cache[i] if cache is not None else None, mask)
+        rope = self.model.layers[0].self_attn.rotary(positions, h.dtype) if self.args.attention == "gqa" else None
+        for i, layer in enumerate(blocks if blocks is not None else self.model.layers):
+            h = layer(h, positions, cache[i] if cache is not None else None, mask, rope, causal)
         return self.model.norm(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: list[LayerCache] | None = None,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
+                attention_mask: torch.Tensor | None = None, last_only: bool = False, kv_len: int | None = None) -> ModelOutput:
         """Logits (B, T, vocab) — or (B, 1, vocab) for the last token only when last_only=True."""
-        h = self.forward_hidden(input_ids, positions, cache, attention_mask)
+        h = self.forward_hidden(input_ids, positions, cache, attention_mask, kv_len=kv_len)
         if last_only:
             h = h[:, -1:]
         return ModelOutput(logits=self.lm_head(h))
@@ -271,4 +505,5 @@ class Transformer(nn.Module):
         """Write an HF-format folder (config.json + model.safetensors) — see modelcore.loading.save_pretrained."""
         from modelcore.loading import save_pretrained
 
-        save_pretrained(model=self, path=path, **kwargs)
+        with self.unfused():
+            save_pretrained(model=self, path=path, **kwargs)

@@ -82,6 +82,26 @@ class RotaryEmbedding(nn.Module):
             inv = self._init_inv_freq(dim, max_position_embeddings, cfg)
         # plain attribute, not a buffer: stays float32 on CPU even when the module is built on 'meta' or cast to bf16
         self.inv_freq = inv.to(dtype=torch.float32)
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def table(self, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin (max_pos, dim) for every position, built once per (device, dtype); None for dynamic NTK scaling.
+
+        Same float32 maths as forward (positions * inv_freq, then cos/sin, times attention_factor), so a row lookup
+        equals the computed value exactly; decoding then needs one gather instead of five ops and a host-to-device copy.
+        """
+        if self.kind == "dynamic":
+            return None
+        key = (torch.device(device), dtype)
+        tab = self._tables.get(key)
+        if tab is None:
+            with torch.device("cpu"):
+                freqs = torch.arange(self.max_pos, dtype=torch.float32)[:, None] * self.inv_freq.cpu()  # (P, dim/2)
+                emb = torch.cat((freqs, freqs), dim=-1)  # (P, dim)
+                cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+            tab = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
+            self._tables[key] = tab
+        return tab
 
     def _init_inv_freq(self, dim: int, max_position_embeddings: int, cfg: dict[str, Any]) -> torch.Tensor:
         """Inverse frequencies of this scaling variant (sets attention_factor for yarn)."""
@@ -113,7 +133,10 @@ class RotaryEmbedding(nn.Module):
         return _default_inv_freq(self.dim, base)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin each (B, T, dim) in `dtype`, computed in float32."""
+        """positions (B, T) -> cos, sin each (B, T, dim) in `dtype`, computed in float32 (or looked up in `table`)."""
+        tab = self.table(positions.device, dtype) if positions.device.type != "meta" else None
+        if tab is not None:
+            return tab[0][positions], tab[1][positions]  # (B, T, dim) each
         inv = self._inv_freq_for(positions).to(positions.device)
         freqs = positions[..., None].float() * inv  # (B, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)

@@ -119,7 +119,7 @@ def test_bfloat16_checkpoint_keeps_its_dtype_unless_asked(tmp_path, make_hf_mode
     hf.save_pretrained(tmp_path)
     ours = AutoModel.from_pretrained(tmp_path, device_map="cpu")
     assert ours.dtype == torch.bfloat16
-    assert ours.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert ours.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
     as_f32 = AutoModel.from_pretrained(tmp_path, device_map="cpu", dtype="float32")
     assert as_f32.dtype == torch.float32
     ids = torch.randint(3, VOCAB, (1, 12))

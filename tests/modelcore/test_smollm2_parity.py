@@ -85,7 +85,7 @@ def test_greedy_text_matches_transformers(ours, hf, prompt_ids, float_greedy) ->
 @torch.no_grad()
 def test_int4_load_agrees_with_float(ours, prompt_ids, float_greedy) -> None:
     q = AutoModel.from_pretrained(SMOL, device_map="cpu", quantization="int4")
-    assert isinstance(q.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(q.model.layers[0].self_attn.qkv_proj, Int4Linear)  # q/k/v fused into one int4 matmul
     agree, total, cos_all = 0, 0, []
     for ids, cont in zip(prompt_ids, float_greedy):
         cont = torch.tensor([cont])
