@@ -1,10 +1,11 @@
 """How closely SmolLM2 loaded as int4 (Q4_1 codes taken directly) / int8 follows the float load.
 
-    python benchmarks/smollm2_int4_agreement.py [--tokens 32] [--modes int4,int8,int4_emb4] \
+    python benchmarks/smollm2_int4_agreement.py [--tokens 32] [--modes int4,int8,int4_emb4,int4_emb4_gptq] [--update] \
         [--out benchmarks/results/smollm2_int4_agreement.json]
 
 Modes: int4 (Q4_1 codes kept, embeddings and tied head int8), int8, int4_emb4 (int4 with the tied embedding and
-head int4 too, group 32: the setting that brings resident weights from 0.35x to 0.31x of bf16).
+head int4 too, group 32: the setting that brings resident weights from 0.35x to 0.31x of bf16), int4_emb4_gptq
+(the same, the tied matrix quantized by GPTQ calibrated on 4,096 tokens of a 10-K filing).
 
 For 5 chat prompts (English and Chinese, the parity test's): greedy continuations of the float model, then
 with teacher forcing on those continuations the top-1 agreement and logit cosine of each quantized model,
@@ -26,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from modelcore.auto import AutoModel  # noqa: E402
 from modelcore.defaults import default_generator_path  # noqa: E402
 from modelcore.generate import decode_one_token, prefill  # noqa: E402
+from modelcore.perplexity import calibration_ids  # noqa: E402
 from modelcore.quant import quantized_nbytes  # noqa: E402
 
 PROMPTS = [
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="int4,int8,int4_emb4")
+    ap.add_argument("--modes", default="int4,int8,int4_emb4,int4_emb4_gptq")
+    ap.add_argument("--update", action="store_true", help="merge these modes into an existing --out file")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "smollm2_int4_agreement.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     for mode in a.modes.split(","):
         t0 = time.perf_counter()
-        kw = {"quantization": "int4", "embeddings": "int4"} if mode == "int4_emb4" else {"quantization": mode}
+        kw = {"quantization": "int4", "embeddings": "int4"} if mode.startswith("int4_emb4") else {"quantization": mode}
+        if mode == "int4_emb4_gptq":  # GPTQ on 4,096 tokens of a 10-K filing (not these prompts)
+            kw["head_calibration"] = calibration_ids(tok)
         q = AutoModel.from_pretrained(path, device_map="cpu", **kw)
         per_prompt = []
         agree = total = 0
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "greedy_common_prefix_mean": sum(r["greedy_common_prefix"] for r in per_prompt) / len(per_prompt),
                          "seconds": round(time.perf_counter() - t0, 1), "per_prompt": per_prompt}
         print(mode, {k: v for k, v in results[mode].items() if k != "per_prompt"}, flush=True)
+    if a.update and Path(a.out).is_file():
+        results = json.loads(Path(a.out).read_text(encoding="utf-8"))["results"] | results
     out = {"model": path.name, "new_tokens": a.tokens, "reference": "same GGUF loaded in float32",
            "command": "python benchmarks/smollm2_int4_agreement.py " + " ".join(argv or sys.argv[1:]), "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,24 @@ MODES: dict[str, dict] = {
     "int4_g64": {"quantization": "int4", "group_size": 64},  # re-quantized from the float weights
     "int4_g128": {"quantization": "int4", "group_size": 128},
     "int4_emb4": {"quantization": "int4", "embeddings": "int4"},  # + the tied embedding/head int4 (group 32, refined)
+    "int4_emb4_gptq": {"quantization": "int4", "embeddings": "int4", "calibrate": True},  # same, head by GPTQ
 }
+CALIBRATION_TOKENS = 4096
+
+
+def calibration_text(*, shared: Path = SHARED) -> str:
+    """Text for GPTQ calibration, NOT the evaluation text: the visible text of the 10-K filing in corpus/long."""
+    html = (shared / "corpus" / "long" / "example-10k.html").read_text(encoding="utf-8", errors="ignore")
+    html = re.sub(r"(?is)<(script|style)\b.*?</\1>", " ", html)
+    text = re.sub(r"&[#a-z0-9]+;", " ", re.sub(r"<[^>]+>", " ", html))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def calibration_ids(tokenizer, n: int = CALIBRATION_TOKENS) -> torch.Tensor:
+    """n token ids from a third of the way into calibration_text() (past the filing's cover pages)."""
+    ids = tokenizer.encode(calibration_text(), add_special_tokens=False)
+    start = len(ids) // 3
+    return torch.tensor(ids[start:start + n])
 
 
 def corpus_text(*, shared: Path = SHARED) -> str:
@@ -72,7 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
     ids = None
     for mode in a.modes.split(","):
         t0 = time.perf_counter()
-        model = AutoModel.from_pretrained(path, device_map="cpu", **MODES[mode])
+        kw = dict(MODES[mode])
+        if kw.pop("calibrate", False):
+            from .tokenizer import AutoTokenizer
+
+            kw["head_calibration"] = calibration_ids(AutoTokenizer.from_pretrained(path))
+        model = AutoModel.from_pretrained(path, device_map="cpu", **kw)
         if ids is None:
             ids = torch.tensor(model.tokenizer.encode(corpus_text(), add_special_tokens=False)[: a.tokens])
         t1 = time.perf_counter()
@@ -96,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         "commands": commands, "results": results,
         "notes": "float = Q4_1 GGUF dequantized to float32; int8/int4 run the packed aten kernels (bfloat16 activations, "
                  "bfloat16-exact scales); *_fallback = dequantize + float32 matmul; int4 = Q4_1 codes taken directly "
-                 "(group 32), embeddings and the tied head int8; int4_emb4 = the same with the tied embedding/head int4 too",
+                 "(group 32), embeddings and the tied head int8; int4_emb4 = the same with the tied embedding/head int4 too; "
+                 "int4_emb4_gptq = the tied matrix int4 by GPTQ, calibrated on 4,096 tokens of corpus/long/example-10k.html",
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2), encoding="utf-8")

@@ -349,6 +349,18 @@ class Int4Embedding(nn.Module):
         self.register_buffer("scales", qw.scales)
         self.register_buffer("mins", qw.mins)
 
+    @classmethod
+    def from_int4(cls, qw: Int4Weights, dtype: torch.dtype) -> "Int4Embedding":
+        """An embedding over ready int4 rows (no re-quantization)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_embeddings, new.embedding_dim = qw.codes.shape
+        new.group_size, new.out_dtype = qw.group_size, dtype
+        new.register_buffer("codes", _pack_nibbles(qw.codes))
+        new.register_buffer("scales", qw.scales.float())
+        new.register_buffer("mins", qw.mins.float())
+        return new
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         codes = _unpack_nibbles(self.codes[ids]).float()  # (..., D)
         g = self.group_size
@@ -467,6 +479,7 @@ def quantize_model(
     embeddings: str | None = None,
     embedding_group_size: int = 32,
     head_col_weights: torch.Tensor | None | str = "norm",
+    head_calibration: torch.Tensor | None = None,
 ) -> nn.Module:
     """Swap every nn.Linear (and nn.Embedding when `quantize_embeddings`) for its quantized twin, in place.
 
@@ -476,6 +489,10 @@ def quantize_model(
     The int4 embedding/head is quantized with the refined search (`quantize_int4(refine=True)`), its error
     weighted per input column by `head_col_weights` ("norm": the square of the final RMSNorm weight, the
     scale of the hidden state the head multiplies; None: unweighted).
+    head_calibration: token ids (B, T) or (T,) of calibration text. With embeddings="int4" and a tied head, the
+    other linears are quantized first, the model's final hidden states on these tokens give H = X^T X, and
+    the tied matrix is quantized by GPTQ (`gptq_int4`) against H instead (SmolLM2, 2k TAT-QA tokens, 4k tokens
+    of a 10-K filing as calibration: +5.2% -> +2.1% perplexity). Use text that is not the evaluation text.
     `prequantized` maps `"{linear}.weight"` to ready int4 codes (from a Q4_0/Q4_1 GGUF tensor); those linears
     may still hold meta weights. Returns `model`.
     """
@@ -497,6 +514,8 @@ def quantize_model(
             if not isinstance(child, nn.Embedding):
                 continue
             w = child.weight
+            if emb_mode == "int4" and w is tied_w and head_calibration is not None:
+                continue  # quantized last, by GPTQ on the hidden states of the otherwise quantized model
             if emb_mode == "int4" and w is tied_w:
                 cols = _head_col_weights(model, head_col_weights)
                 qw = quantize_int4(w, group_size=embedding_group_size, refine=True, col_weights=cols)
@@ -516,6 +535,8 @@ def quantize_model(
             if not isinstance(child, nn.Linear):
                 continue
             pre = prequantized.pop(f"{full}.weight", None)
+            if child.weight is tied_w and emb_mode == "int4" and head_calibration is not None:
+                continue
             tied8, tied4 = int8_of.get(id(child.weight)), int4_head_of.get(id(child.weight))
             if tied4 is not None:
                 new: nn.Module = tied4
@@ -531,9 +552,73 @@ def quantize_model(
             setattr(parent, child_name, new)
     if prequantized:
         raise ValueError(f"prequantized weights for unknown linears: {sorted(prequantized)[:5]}")
+    if emb_mode == "int4" and tied_w is not None and head_calibration is not None:
+        _gptq_tied_head(model, head_calibration, embedding_group_size, kernel)
     model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
                           "embeddings": emb_mode, "embedding_group_size": embedding_group_size if emb_mode == "int4" else None}
     return model
+
+
+@torch.no_grad()
+def _gptq_tied_head(model: nn.Module, ids: torch.Tensor, group_size: int, kernel: str) -> None:
+    """Quantize the tied embedding/head by GPTQ on the final hidden states of `ids` (the rest already quantized)."""
+    emb = model.model.embed_tokens
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    window = min(512, getattr(getattr(model, "args", None), "max_position_embeddings", 512))
+    rows = [ids[b:b + 1, i:i + window] for b in range(ids.shape[0]) for i in range(0, ids.shape[1], window)]
+    k = emb.weight.shape[1]
+    h = torch.zeros(k, k, dtype=torch.float64)
+    n = 0
+    for chunk in rows:
+        x = model.forward_hidden(chunk.to(emb.weight.device))[0].double().cpu()  # (T, K)
+        h += x.T @ x
+        n += x.shape[0]
+    qw = gptq_int4(emb.weight, (h / max(n, 1)).float(), group_size=group_size)
+    head = Int4Linear(qw, None, kernel=kernel)
+    model.lm_head = head
+    model.model.embed_tokens = TiedInt4Embedding(head, emb.weight.dtype) if head.rows_readable() else \
+        Int4Embedding.from_int4(qw, emb.weight.dtype)
+
+
+def gptq_int4(w: torch.Tensor, h: torch.Tensor, *, group_size: int = 32, block: int = 128, damp: float = 0.01) -> Int4Weights:
+    """Group-wise asymmetric int4 by GPTQ (Frantar et al., 2022): columns quantized left to right, each one's
+    rounding error spread over the columns not yet quantized through the inverse of H = E[x x^T] (K, K), so the
+    layer's OUTPUT error on inputs like x is small rather than each weight's. Group (scale, min) are taken from
+    min/max of the group's updated weights when the group starts, bfloat16-exact like `quantize_int4(refine=True)`.
+    """
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
+    w = w.detach().float().clone()
+    n, k = w.shape
+    if k % group_size or block % group_size:
+        raise ValueError(f"in_features {k} and block {block} must be multiples of group_size {group_size}")
+    h = h.detach().double().clone()
+    dead = h.diag() <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * h.diag().mean() * torch.eye(k, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # (K, K)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    scales, mins = torch.zeros(n, k // group_size), torch.zeros(n, k // group_size)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, errs, ub = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0), u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col, gi = b0 + i, (b0 + i) // group_size
+            if col % group_size == 0:
+                grp = wb[:, i:i + group_size]
+                mn, mx = grp.amin(1), grp.amax(1)
+                sc = _bf16_ceil(((mx - mn) / 15.0).clamp(min=1e-10))
+                zero = (mn + 8.0 * sc).to(torch.bfloat16).float()
+                scales[:, gi], mins[:, gi] = sc, zero - 8.0 * sc
+            sc, mn = scales[:, gi], mins[:, gi]
+            c = torch.round((wb[:, i] - mn) / sc).clamp(0, 15)
+            codes[:, col] = c.to(torch.uint8)
+            err = (wb[:, i] - (c * sc + mn)) / ub[i, i]
+            wb[:, i:] -= err[:, None] * ub[i, i:][None, :]
+            errs[:, i] = err
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return Int4Weights(codes, scales, mins, group_size)
 
 
 def _head_col_weights(model: nn.Module, how: torch.Tensor | None | str) -> torch.Tensor | None:

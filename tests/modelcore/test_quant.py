@@ -15,6 +15,7 @@ from modelcore.quant import (
     TiedInt4Embedding,
     cat_linears,
     cpu_int4_block_rows,
+    gptq_int4,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -218,6 +219,37 @@ def test_int4_tied_embeddings_are_stored_once() -> None:
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
     assert float(cos.min()) >= 0.97, float(cos.min())
     assert model.quantization["embeddings"] == "int4"
+
+
+def test_gptq_int4_lowers_the_output_error_on_correlated_inputs() -> None:
+    """GPTQ's goal is the layer output on inputs like the calibration ones: < 0.7x the min/max rounding's error there."""
+    torch.manual_seed(6)
+    k = 128
+    mix = torch.randn(k, k) / k ** 0.5 + torch.randn(k, 8) @ torch.randn(8, k)  # channels strongly correlated
+    x = torch.randn(4096, k) @ mix
+    w = torch.randn(96, k)
+    qg = gptq_int4(w, x.T @ x / x.shape[0], group_size=32)
+    qr = quantize_int4(w, group_size=32)
+    x_test = torch.randn(2048, k) @ mix
+    out_err = lambda q: float((x_test @ (q.dequantize() - w).T).norm())  # noqa: E731
+    assert out_err(qg) < 0.7 * out_err(qr), (out_err(qg), out_err(qr))
+    assert qg.codes.dtype == torch.uint8 and int(qg.codes.max()) <= 15
+    zeros = qg.mins + 8 * qg.scales
+    assert torch.equal(qg.scales.bfloat16().float(), qg.scales) and torch.equal(zeros.bfloat16().float(), zeros)
+
+
+@pytest.mark.skipif(cpu_int4_block_rows() is None, reason="unknown CPU int4 layout")
+def test_calibrated_int4_tied_head() -> None:
+    ids = torch.randint(0, 256, (2, 24))
+    ref_model = _tiny()
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    model = quantize_model(_tiny(), "int4", group_size=32, embeddings="int4", head_calibration=torch.randint(0, 256, (700,)))
+    assert isinstance(model.model.embed_tokens, TiedInt4Embedding) and model.model.embed_tokens.head is model.lm_head
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules())
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(model(ids).logits, ref, dim=-1)
+    assert float(cos.min()) >= 0.97, float(cos.min())
 
 
 def test_prequantized_codes_are_used_as_is() -> None:
