@@ -18,7 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from knowledge import queues
-from knowledge.documents import pipeline, workers  # noqa: F401 - workers registers the heartbeat
+from knowledge.documents import pipeline, workers  # workers also registers the heartbeat and the warm-up
 from knowledge.documents.models import IN_PROGRESS, Document, Status
 from knowledge.documents.runner import TRANSIENT_ERRORS, stage_fail
 
@@ -41,6 +41,7 @@ def embed_budget_s() -> float:
 
 
 def _run(task, *, stage: str, document_id: int) -> bool:
+    workers.warm_up_wait()
     run = dict(pipeline.STAGES)[stage]
     try:
         if stage == "embed":

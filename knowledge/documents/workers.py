@@ -99,7 +99,11 @@ def _on_worker_shutdown(sender=None, **_kwargs) -> None:
         _beats.pop(hostname, None)
 
 
-def _warm_up() -> None:
+WARM_UP_WAIT_S = 300.0
+_warming: dict[str, threading.Event] = {}  # "done" is set once this process's warm-up has ended
+
+
+def _warm_up(done: threading.Event) -> None:
     from knowledge.documents.pipeline import worker_warm_up
 
     try:
@@ -109,9 +113,19 @@ def _warm_up() -> None:
         log.warning("worker warm-up failed", exc_info=True)
     finally:
         connection.close()
+        done.set()
+
+
+def warm_up_wait() -> None:
+    """Called by every task first: wait for this process's start-up warm-up, so a first task never imports the
+    same modules concurrently with it (it would have paid for them anyway). No-op outside warmed workers."""
+    done = _warming.get("done")
+    if done is not None and not done.is_set():
+        done.wait(WARM_UP_WAIT_S)
 
 
 @worker_process_init.connect
 def _on_worker_process_init(**_kwargs) -> None:
     if os.environ.get("KD_WORKER_WARM_UP", "1") != "0":
-        threading.Thread(target=_warm_up, name="kd-warm-up", daemon=True).start()
+        done = _warming["done"] = threading.Event()
+        threading.Thread(target=_warm_up, args=(done,), name="kd-warm-up", daemon=True).start()
