@@ -72,7 +72,6 @@ def embedder():
         return _embedder_loaded()
 
 
-
 def worker_warm_up() -> dict[str, float]:
     """What a worker process does once at start, before its first document: load the embedder and
     partition a tiny file of each unstructured-backed format (first-use imports). Seconds per part."""
