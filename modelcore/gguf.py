@@ -119,7 +119,9 @@ def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tens
         out = bits.view(np.float32)
     elif qtype == QT.Q8_0:
         b = _blocks(raw, 34)
-        out = (_f16(b[:, 0:2])[:, None] * b[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+        out = b[:, 2:].view(np.int8).astype(np.float32)  # one float32 array, scaled in place
+        out *= _f16(b[:, 0:2])[:, None]
+        out = out.reshape(-1)
     elif qtype in (QT.Q4_0, QT.Q4_1):
         codes, scale, mn = _q4_codes(raw, qtype)
         out = (codes.astype(np.float32) * scale[:, None] + mn[:, None]).reshape(-1)
@@ -131,7 +133,9 @@ def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tens
         raise CheckpointError(f"GGUF tensor type {qtype.name} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)")
     if out.size != n:
         raise CheckpointError(f"GGUF tensor has {out.size} values, expected {n} for shape {shape}")
-    return torch.from_numpy(np.array(out, dtype=np.float32, copy=True)).reshape(shape)
+    if qtype == QT.F32:  # a view of the memory-mapped file: copy it out; every other type computed a new array
+        out = np.array(out, dtype=np.float32, copy=True)
+    return torch.from_numpy(out).reshape(shape)
 
 
 def q4_int4_weights(raw: np.ndarray, qtype: QT, shape: tuple[int, int]) -> Int4Weights:

@@ -67,9 +67,15 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     in bfloat16, computes with exactly the scales the codes were made for: rounding float32 scales to bfloat16
     afterwards is a systematic per-channel gain error of up to 0.4% (SmolLM2, 2k tokens: +0.68% -> +0.07% perplexity).
     """
-    w = w.detach().float()
-    scales = _bf16_ceil((w.abs().amax(dim=1) / 127.0).clamp(min=1e-10))
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    w = w.detach()
+    n = w.shape[0]
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(n, dtype=torch.float32, device=w.device)
+    for i in range(0, n, 4096):  # row chunks: float temporaries stay small for a 49152-row embedding
+        wc = w[i:i + 4096].float()
+        sc = _bf16_ceil((wc.abs().amax(dim=1) / 127.0).clamp(min=1e-10))
+        q[i:i + 4096] = torch.round(wc / sc[:, None]).clamp_(-127, 127)
+        scales[i:i + 4096] = sc
     return q, scales
 
 
