@@ -34,6 +34,7 @@ MODES: dict[str, dict] = {
     "int4_g128": {"quantization": "int4", "group_size": 128},
     "int4_emb4": {"quantization": "int4", "embeddings": "int4"},  # + the tied embedding/head int4 (group 32, refined)
     "int4_emb4_gptq": {"quantization": "int4", "embeddings": "int4", "calibrate": True},  # same, head by GPTQ
+    "int4_g64_emb4_gptq": {"quantization": "int4", "group_size": 64, "embeddings": "int4", "calibrate": True},  # 0.288x
 }
 CALIBRATION_TOKENS = 4096
 
