@@ -88,7 +88,8 @@ class AutoModel:
         """Load a model ready for inference (eval mode, no grad). dtype defaults to the checkpoint's own.
 
         attention / routing: see configure_modes (None = the model's own; a mode the model lacks is a ValueError).
-        fuse: concatenate q/k/v and gate/up into one matmul each (Transformer.fuse_projections) where possible.
+        fuse: concatenate q/k/v and gate/up into one matmul each (Transformer.fuse_projections) where it costs no
+        extra resident memory (not for memory-mapped float weights on CPU).
         """
         from modelcore.loading import QUANT_FILE, build_model, load_config, load_state_dict, parse_dtype
         from modelcore.tokenizer import AutoTokenizer
@@ -134,7 +135,12 @@ class AutoModel:
                     quantization = stored
             if load_tokenizer and (p / "tokenizer.json").is_file():
                 tokenizer = AutoTokenizer.from_pretrained(p)
-        if fuse and not prequantized:  # float weights: fuse first, so any quantized layout (CUDA int4 too) gets fused codes
+        # Fusing copies the weights. Float weights are fused before quantizing (so CUDA's int4 layout, which cannot be
+        # concatenated, gets fused codes) where the copy is free: on CUDA, or from a GGUF (its tensors are fresh
+        # memory). A folder's float weights on CPU are memory-mapped from the file: fusing them would hold the file's
+        # pages and the copies at once, so those are fused only after quantizing (the quantized codes as they are).
+        float_fuse = fuse and not prequantized and (device.type == "cuda" or p.is_file())
+        if float_fuse:
             model.fuse_projections()
         if quantization is not None:
             from modelcore.quant import quantize_model
@@ -142,7 +148,7 @@ class AutoModel:
             quantize_model(model, quantization, prequantized=prequantized, **quant_options)
             model.to(device)
         configure_modes(model, attention=attention, routing=routing)
-        if fuse and prequantized:  # GGUF int4 codes arrive per q/k/v, gate/up: concatenate them as they are
-            model.fuse_projections()
+        if fuse and not float_fuse and (prequantized or quantization is not None):
+            model.fuse_projections()  # quantized codes concatenated as they are (GGUF int4, CPU int4 / int8 layouts)
         model.tokenizer = tokenizer
         return model

@@ -43,6 +43,11 @@ class KVCache:
                 self.k[:, :, s0:s0 + t] = k
                 self.v[:, :, s0:s0 + t] = v
                 return self.k, self.v
+        if t == 1 and b == 1 and k.device.type == "cpu":  # CPU decode of one row: reading the position is free
+            p = int(positions[0, 0])
+            self.k[0, :, p] = k[0, :, 0]
+            self.v[0, :, p] = v[0, :, 0]
+            return self.k, self.v
         # decode (t == 1) and ragged rows: a scatter at the positions; no host read, so CUDA graphs can capture it
         idx_k = positions[:, None, :, None].expand(b, h, t, self.k.shape[-1])  # (B, H, T, D)
         idx_v = positions[:, None, :, None].expand(b, h, t, self.v.shape[-1])

@@ -113,7 +113,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)  # one fused kernel
+        if x.is_cuda:  # one fused kernel reading x once (float32 statistics; the weight applied before rounding)
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), eps=self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -209,9 +211,15 @@ class Attention(nn.Module):
         its causal kernel (flash attention on CUDA) over the new keys only.
         """
         b, t, _ = x.shape
-        q, k, v = self._qkv(x)
-        cos, sin = rope if rope is not None else self.rotary(positions, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
+        if hasattr(self, "qkv_proj"):  # q and k heads are adjacent in the fused output: rotate them in one go
+            qkv = linear(self.qkv_proj, x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+            hqk = self.n_heads + self.n_kv_heads
+            q, k = apply_rotary(qkv[:, :hqk], cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
+            v = qkv[:, hqk:]  # (B, Hkv, T, D)
+        else:
+            q, k, v = self._qkv(x)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if causal and not self.naive:
             if cache is not None:
                 cache.write_prefix(k, v)  # positions are 0..T-1 in every row

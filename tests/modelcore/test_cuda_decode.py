@@ -75,6 +75,7 @@ def test_graphed_generate_equals_eager_mla_moe() -> None:
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn_like(p) * 0.05)
     ids = torch.randint(0, 512, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    model.compile_decode = False  # the same kernels in the graph as eagerly: only the capture is under test here
     graphed, eager = _graph_vs_eager(model, ids)
     assert (graphed == eager).float().mean() >= 0.9  # bf16 + atomics in the expert sums: near-ties may flip late tokens
     assert torch.equal(graphed[:, :12], eager[:, :12])

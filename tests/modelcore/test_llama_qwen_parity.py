@@ -29,11 +29,16 @@ def hf_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_qkv_gate_up"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_and_cached_decode_match_transformers(variant, tiny_checkpoints, make_hf_model):
+def test_prefill_and_cached_decode_match_transformers(variant, fused, tiny_checkpoints, make_hf_model):
     hf = make_hf_model(variant)
     ours = AutoModel.from_pretrained(tiny_checkpoints[variant], device_map="cpu")
+    if fused:
+        assert ours.fuse_projections() == 2 * ours.args.n_layers
     ids, mask = padded_batch()
+    with torch.no_grad():  # an unpadded batch takes the causal-kernel prefill (no mask tensor)
+        assert_close(ours(ids[:1]).logits, hf(input_ids=ids[:1]).logits, atol=ATOL, rtol=0)
     with torch.no_grad():
         ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                           output_logits=True, return_dict_in_generate=True, pad_token_id=2)
@@ -119,7 +124,7 @@ def test_bfloat16_checkpoint_keeps_its_dtype_unless_asked(tmp_path, make_hf_mode
     hf.save_pretrained(tmp_path)
     ours = AutoModel.from_pretrained(tmp_path, device_map="cpu")
     assert ours.dtype == torch.bfloat16
-    assert ours.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    assert ours.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # memory-mapped: not fused on CPU
     as_f32 = AutoModel.from_pretrained(tmp_path, device_map="cpu", dtype="float32")
     assert as_f32.dtype == torch.float32
     ids = torch.randint(3, VOCAB, (1, 12))
