@@ -1,9 +1,9 @@
 """Continuous-batching generation Engine: one model per process, many concurrent streaming requests.
 
 A background thread owns the model and a static KV cache of ``max_batch`` rows (request slots). Each step it
-(1) drops cancelled requests, (2) admits waiting requests into free rows (prefill of that row alone),
-(3) decodes one token for every active row in one batched forward, (4) streams text to each request and frees
-finished rows. Active requests always occupy rows ``0..n-1``: a freed row is filled by copying the last row
+(1) drops cancelled requests, (2) admits waiting requests into free rows: their prompts are prefilled together in
+one right-padded forward (prompts of similar length grouped, see ``prefill_groups``), (3) decodes one token for
+every active row in one batched forward, (4) streams text to each request and frees finished rows. Active requests always occupy rows ``0..n-1``: a freed row is filled by copying the last row
 into it, so the batched decode runs on a contiguous view of the cache.
 
     eng = Engine.get()                       # $KD_GENERATOR_MODEL or the bundled SmolLM2 GGUF, loaded once
@@ -205,6 +205,25 @@ def rows_view(cache: list, start: int, stop: int) -> list:
     return out
 
 
+PREFILL_FORWARD_TOKENS = 8  # one extra prefill forward costs about as much as this many padded tokens (CPU, SmolLM2)
+
+
+def prefill_groups(lengths: list[int], overhead: int = PREFILL_FORWARD_TOKENS) -> list[list[int]]:
+    """Split prompts (indices into `lengths`) into prefill batches: a batch costs `overhead` + rows x its longest
+    prompt (right padding), so prompts are sorted by length and cut where that total is smallest (exact DP)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0] + [0] * n  # best[j]: cheapest cost of the first j sorted prompts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = min((best[i] + overhead + (j - i) * lengths[order[j - 1]], i) for i in range(j))
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 def copy_cache_row(cache: list, src: int, dst: int) -> None:
     """Move request row `src` into row `dst` in every layer."""
     for layer in cache:
@@ -217,11 +236,19 @@ class Engine:
     _registry: ClassVar[dict[tuple, "Engine"]] = {}
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 8, max_len: int = 2048, name: str = ""):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 8, max_len: int = 2048, name: str = "",
+                 prefill: str = "batched"):
+        """prefill: "batched" (admitted prompts share right-padded forwards) or "single" (one forward per prompt, with
+        explicit positions: the behaviour before batched prefill, kept for A/B benchmarks)."""
         if tokenizer is None:
             raise ValueError("the Engine needs a tokenizer (load a folder with tokenizer.json, or a .gguf)")
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch}, {max_len}")
+        if prefill not in ("batched", "single"):
+            raise ValueError(f"prefill must be 'batched' or 'single', got {prefill!r}")
+        self.prefill = prefill
+        self.prefill_overhead = PREFILL_FORWARD_TOKENS  # grouping cost of one more prefill forward (see prefill_groups)
+        self.prefill_forwards = 0  # prefill forwards run so far (tests, benchmarks)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -230,6 +257,7 @@ class Engine:
         eos = list(model.args.eos_token_id) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         self.eos_token_ids = eos
         self._cache = model.new_cache(max_batch, self.max_context)
+        self._views: dict[tuple[int, int], list] = {}  # rows_view of the cache per (start, stop): built once
         self._graphs: dict[int, GraphDecoder] = {}  # CUDA: captured decode step per number of active rows
         self._use_graphs = use_cuda_graphs(model)
         self._rows: list[RowState] = []  # active requests; index == cache row
@@ -321,8 +349,7 @@ class Engine:
                         admit.append(self._waiting.popleft())
                 try:
                     self._drop_cancelled()
-                    for req in admit:
-                        self._admit(req)
+                    self._admit(admit)
                     if self._rows:
                         self._decode_step()
                 except Exception as exc:  # never let the worker die: fail what was in flight, keep serving
@@ -334,24 +361,70 @@ class Engine:
         for req in self._waiting:
             req.finish("cancelled")
 
-    def _admit(self, req: Request) -> None:
-        """Prefill `req` into the next free row and emit its first token."""
-        if req.cancelled:
-            req.finish("cancelled")
+    def _view(self, start: int, stop: int) -> list:
+        v = self._views.get((start, stop))
+        if v is None:
+            v = self._views[(start, stop)] = rows_view(self._cache, start, stop)
+        return v
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill admitted requests into the next free rows and emit their first tokens."""
+        live = []
+        for req in reqs:
+            if req.cancelled:
+                req.finish("cancelled")
+            else:
+                live.append(req)
+        if not live:
             return
-        row = len(self._rows)
+        if self.prefill == "single":
+            groups = [[r] for r in live]
+        else:
+            groups = [[live[i] for i in g] for g in prefill_groups([len(r.prompt_ids) for r in live],
+                                                                      self.prefill_overhead)]
+        for group in groups:
+            if len(group) == 1:
+                self._prefill_one(group[0])
+                continue
+            try:
+                self._prefill(group)
+            except Exception:  # find the request at fault: prefill each alone, so only that one fails
+                for req in group:
+                    self._prefill_one(req)
+
+    def _prefill_one(self, req: Request) -> None:
         try:
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.model.device)
-            positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, T)
+            self._prefill([req])
+        except Exception as exc:  # this request only: others keep going
+            req.fail(exc)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        """One forward over `reqs` (right-padded) into rows len(rows).., then their first tokens.
+
+        Right padding keeps every real token at positions 0..len-1, so the padded batch is an ordinary causal prefill
+        from position 0: a real token attends only to slots <= its position, all real. The pads write K/V at slots
+        len.. of their row, which each decode step overwrites before reading (a row's step writes its slot first).
+        On failure nothing is admitted (rows not appended; their cache slots are rewritten by the next prefill)."""
+        row, k = len(self._rows), len(reqs)
+        dev = self.model.device
+        self.prefill_forwards += 1
+        lens = [len(r.prompt_ids) for r in reqs]
+        longest = max(lens)
+        if self.prefill == "single":  # the former path: explicit positions, masked attention over the cache
+            ids = torch.tensor([reqs[0].prompt_ids], dtype=torch.long, device=dev)
+            positions = torch.arange(ids.shape[1], device=dev)[None]  # (1, T)
             hidden = self.model.forward_hidden(ids, positions=positions, cache=rows_view(self._cache, row, row + 1))
             logits = self.model.lm_head(hidden[:, -1])  # (1, V)
-            st = RowState(req, self.tokenizer, self.model.args.vocab_size, device=self.model.device)
-            self._rows.append(st)
-            self._advance([(st, logits[0])])
-        except Exception as exc:  # this request only: others keep going
-            if self._rows and self._rows[-1].req is req:
-                self._rows.pop()
-            req.fail(exc)
+        else:
+            pad = reqs[0].prompt_ids[-1]  # any valid id: pads are never attended to
+            ids = torch.tensor([r.prompt_ids + [pad] * (longest - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
+                               device=dev)  # (k, T)
+            hidden = self.model.forward_hidden(ids, cache=self._view(row, row + k))  # positions 0..T-1 in every row
+            last = hidden[torch.arange(k, device=dev), torch.tensor(lens, device=dev) - 1]  # (k, D)
+            logits = self.model.lm_head(last)  # (k, V)
+        states = [RowState(r, self.tokenizer, self.model.args.vocab_size, device=dev) for r in reqs]
+        self._rows.extend(states)
+        self._advance(states, logits)
 
     def _decode_step(self) -> None:
         n = len(self._rows)
@@ -361,7 +434,7 @@ class Engine:
             if self._use_graphs:  # one captured step per active-row count, over rows 0..n-1 of the cache
                 dec = self._graphs.get(n)
                 if dec is None:
-                    dec = self._graphs[n] = GraphDecoder(self.model, n, self.max_context, cache=rows_view(self._cache, 0, n),
+                    dec = self._graphs[n] = GraphDecoder(self.model, n, self.max_context, cache=self._view(0, n),
                                                          compiled=use_compile(self.model))
                 try:
                     logits = dec(tokens, positions)  # (n, V)
@@ -373,32 +446,37 @@ class Engine:
                     logging.getLogger(__name__).warning("CUDA graph capture failed; the Engine decodes eagerly", exc_info=True)
                     self._use_graphs, self._graphs = False, {}
                     logits = self.model(tokens[:, None], positions=positions[:, None],
-                                        cache=rows_view(self._cache, 0, n)).logits[:, -1]
+                                        cache=self._view(0, n)).logits[:, -1]
             else:
-                logits = self.model(tokens[:, None], positions=positions[:, None], cache=rows_view(self._cache, 0, n)).logits[:, -1]
+                logits = self.model(tokens[:, None], positions=positions[:, None], cache=self._view(0, n)).logits[:, -1]
         except Exception as exc:  # a failing batched step fails its requests, not the Engine
             for st in self._rows:
                 st.req.fail(exc)
             self._rows.clear()
             return
-        self._advance(list(zip(self._rows, logits)))
+        self._advance(list(self._rows), logits)
 
-    def _advance(self, pairs: list[tuple[RowState, torch.Tensor]]) -> None:
-        """Pick each row's next token, stream its text, and free rows that finished."""
+    def _advance(self, states: list[RowState], logits: torch.Tensor) -> None:
+        """Pick each row's next token from its logits (k, V), stream its text, and free rows that finished."""
         vocab = self.model.args.vocab_size
-        greedy = [i for i, (st, _) in enumerate(pairs) if not st.req.params.do_sample and st.req.params.repetition_penalty == 1.0]
-        picks: dict[int, int] = {}
-        if greedy:
-            best = torch.stack([pairs[i][1][:vocab] for i in greedy]).argmax(-1).tolist()
-            picks.update(zip(greedy, best))
-        for i, (st, lg) in enumerate(pairs):
-            if i not in picks:
-                p = st.req.params
-                lg = lg[None, :vocab]  # (1, V)
-                if st.seen is not None:
-                    lg = apply_repetition_penalty(lg, st.seen[None, :vocab], p.repetition_penalty)
-                picks[i] = int(sample(lg, params=p, generator=st.generator)[0])
-        done = [st for i, (st, _) in enumerate(pairs) if st.push(picks[i])]
+        logits = logits[:, :vocab]
+        plain = [not st.req.params.do_sample and st.req.params.repetition_penalty == 1.0 for st in states]
+        if all(plain):
+            picks = logits.argmax(-1).tolist()  # greedy rows: one argmax, one host read
+        else:
+            picks = [0] * len(states)
+            greedy = [i for i, g in enumerate(plain) if g]
+            if greedy:
+                for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                    picks[i] = t
+            for i, st in enumerate(states):
+                if not plain[i]:
+                    p = st.req.params
+                    lg = logits[i:i + 1]  # (1, V)
+                    if st.seen is not None:
+                        lg = apply_repetition_penalty(lg, st.seen[None, :vocab], p.repetition_penalty)
+                    picks[i] = int(sample(lg, params=p, generator=st.generator)[0])
+        done = [st for st, t in zip(states, picks) if st.push(t)]
         for st in done:
             self._free(st)
             st.req.finish(st.result or "stop")

@@ -145,3 +145,48 @@ def test_repetition_penalty_matches_generate(eng: Engine) -> None:
     want = eng.tokenizer.decode(out[:cut], skip_special_tokens=True).rstrip("\ufffd")
     got = _concurrently(lambda i: eng.generate(_chat(QUESTIONS[2 + i]), max_new_tokens=N_NEW, repetition_penalty=1.3), 2)
     assert got[0] == want and got[0] != _alone(eng, QUESTIONS[2])
+
+
+PREFILL_PROMPTS = [
+    "Hi.",
+    "What is revenue?",
+    "Explain EBITDA in one sentence, please.",
+    "什么是资产负债表？请简单说明。",
+    "List three risks for a bank and say which one matters most for a small regional lender today.",
+    "What does a CFO do?",
+    "Describe, in plain words and for a reader who has never seen a balance sheet, what equity means.",
+    "Why do banks fail?",
+]
+
+
+@pytest.mark.parametrize("overhead", [10**6, None])  # one padded forward for all eight / the Engine's own grouping
+def test_batched_prefill_equals_alone(eng: Engine, overhead: int | None) -> None:
+    big = Engine(eng.model, eng.tokenizer, max_batch=8, max_len=512, name="test-prefill")
+    try:
+        if overhead is not None:
+            big.prefill_overhead = overhead
+        lengths = [len(big.tokenizer.apply_chat_template(_chat(q), add_generation_prompt=True, tokenize=True))
+                   for q in PREFILL_PROMPTS]
+        assert len(set(lengths)) == len(lengths)  # all different: the batch is padded
+        expected = [_alone(big, q) for q in PREFILL_PROMPTS]
+        with big._cond:  # hold the worker back until all eight are queued: admitted in one step
+            reqs = [big.submit(messages=_chat(q), max_new_tokens=N_NEW) for q in PREFILL_PROMPTS]
+        for q, want, req in zip(PREFILL_PROMPTS, expected, reqs):
+            assert req.wait(timeout=300) and req.error is None
+            assert req.text == want, q
+        if overhead is not None:
+            assert big.prefill_forwards == 1  # all eight prompts in one right-padded forward
+        else:
+            assert 1 <= big.prefill_forwards < len(PREFILL_PROMPTS)
+        assert big.stats()["active"] == 0
+    finally:
+        big.close()
+
+
+def test_prefill_groups() -> None:
+    from modelcore.engine import prefill_groups
+
+    assert prefill_groups([40, 39, 46, 39], overhead=10**6) == [[1, 3, 0, 2]]  # sorted by length, one batch
+    assert prefill_groups([5, 300], overhead=8) == [[0], [1]]  # padding 5 -> 300 costs more than a forward
+    groups = prefill_groups([39, 43, 39, 40, 46, 40, 42, 39])
+    assert sorted(i for g in groups for i in g) == list(range(8))
