@@ -205,6 +205,7 @@ def rows_view(cache: list, start: int, stop: int) -> list:
     return out
 
 
+PREFIX_MIN_TOKENS = 8  # reuse a cached prompt prefix from this many shared tokens on
 PREFILL_FORWARD_TOKENS = 8  # one extra prefill forward costs about as much as this many padded tokens (CPU, SmolLM2)
 
 
@@ -222,6 +223,15 @@ def prefill_groups(lengths: list[int], overhead: int = PREFILL_FORWARD_TOKENS) -
         groups.append(order[cut[j]:j])
         j = cut[j]
     return groups[::-1]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def copy_cache_row(cache: list, src: int, dst: int) -> None:
@@ -247,8 +257,6 @@ class Engine:
         if prefill not in ("batched", "single"):
             raise ValueError(f"prefill must be 'batched' or 'single', got {prefill!r}")
         self.prefill = prefill
-        self.prefill_overhead = PREFILL_FORWARD_TOKENS  # grouping cost of one more prefill forward (see prefill_groups)
-        self.prefill_forwards = 0  # prefill forwards run so far (tests, benchmarks)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -258,6 +266,17 @@ class Engine:
         self.eos_token_ids = eos
         self._cache = model.new_cache(max_batch, self.max_context)
         self._views: dict[tuple[int, int], list] = {}  # rows_view of the cache per (start, stop): built once
+        self.prefill_overhead = PREFILL_FORWARD_TOKENS  # grouping cost of one more prefill forward (see prefill_groups)
+        self.prefill_forwards = 0  # prefill forwards run so far (tests, benchmarks)
+        self.prefix_tokens_reused = 0  # prompt tokens whose K/V came from the prefix store instead of a forward
+        # prefix store: the K/V of the last prefilled prompt (per layer (Hkv, P, D) copies); a new prompt sharing its
+        # first tokens (a chat template's system prompt, a RAG preamble) copies them instead of recomputing them.
+        # K/V at positions 0..c-1 depend only on tokens 0..c-1 (causal), so the copy is what a forward would write.
+        from modelcore.cache import KVCache
+
+        self.prefix_reuse = prefill == "batched" and all(type(layer) is KVCache for layer in self._cache)
+        self._prefix_ids: list[int] = []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._graphs: dict[int, GraphDecoder] = {}  # CUDA: captured decode step per number of active rows
         self._use_graphs = use_cuda_graphs(model)
         self._rows: list[RowState] = []  # active requests; index == cache row
@@ -378,10 +397,20 @@ class Engine:
         if not live:
             return
         if self.prefill == "single":
-            groups = [[r] for r in live]
-        else:
-            groups = [[live[i] for i in g] for g in prefill_groups([len(r.prompt_ids) for r in live],
-                                                                      self.prefill_overhead)]
+            for req in live:
+                self._prefill_one(req)
+            return
+        if self.prefix_reuse and len(live) > 1:
+            # requests that share a prefix with each other but not with the store: prefill one of them first (it
+            # refills the store), then the others reuse its K/V
+            first = live[0]
+            shared = min(common_prefix(first.prompt_ids, r.prompt_ids) for r in live[1:])
+            if shared >= PREFIX_MIN_TOKENS and self._reuse(first.prompt_ids) < shared:
+                self._prefill_one(first)
+                live = live[1:]
+        # grouped by the length left to compute after the reused prefix
+        groups = [[live[i] for i in g] for g in prefill_groups(
+            [len(r.prompt_ids) - self._reuse(r.prompt_ids) for r in live], self.prefill_overhead)]
         for group in groups:
             if len(group) == 1:
                 self._prefill_one(group[0])
@@ -391,6 +420,14 @@ class Engine:
             except Exception:  # find the request at fault: prefill each alone, so only that one fails
                 for req in group:
                     self._prefill_one(req)
+
+    def _reuse(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the prefix store can supply (0 below PREFIX_MIN_TOKENS; at least one
+        token is always left to compute: its logits give the first new token)."""
+        if not self.prefix_reuse or not self._prefix_ids:
+            return 0
+        c = min(common_prefix(ids, self._prefix_ids), len(ids) - 1)
+        return c if c >= PREFIX_MIN_TOKENS else 0
 
     def _prefill_one(self, req: Request) -> None:
         try:
@@ -416,12 +453,26 @@ class Engine:
             hidden = self.model.forward_hidden(ids, positions=positions, cache=rows_view(self._cache, row, row + 1))
             logits = self.model.lm_head(hidden[:, -1])  # (1, V)
         else:
+            c = min(self._reuse(r.prompt_ids) for r in reqs)  # tokens taken from the prefix store, same in every row
             pad = reqs[0].prompt_ids[-1]  # any valid id: pads are never attended to
-            ids = torch.tensor([r.prompt_ids + [pad] * (longest - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
-                               device=dev)  # (k, T)
-            hidden = self.model.forward_hidden(ids, cache=self._view(row, row + k))  # positions 0..T-1 in every row
-            last = hidden[torch.arange(k, device=dev), torch.tensor(lens, device=dev) - 1]  # (k, D)
+            ids = torch.tensor([r.prompt_ids[c:] + [pad] * (longest - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
+                               device=dev)  # (k, T - c)
+            view = self._view(row, row + k)
+            if c:
+                for layer, (pk, pv) in zip(view, self._prefix_kv):
+                    layer.k[:, :, :c] = pk[None, :, :c]
+                    layer.v[:, :, :c] = pv[None, :, :c]
+                positions = torch.arange(c, longest, device=dev).expand(k, longest - c)
+                hidden = self.model.forward_hidden(ids, positions=positions, cache=view)  # keys: slots <= position
+                self.prefix_tokens_reused += c * k
+            else:
+                hidden = self.model.forward_hidden(ids, cache=view)  # positions 0..T-1 in every row
+            last = hidden[torch.arange(k, device=dev), torch.tensor(lens, device=dev) - 1 - c]  # (k, D)
             logits = self.model.lm_head(last)  # (k, V)
+            if self.prefix_reuse:  # the store now holds this group's first prompt
+                self._prefix_ids = list(reqs[0].prompt_ids)
+                n = len(self._prefix_ids)
+                self._prefix_kv = [(layer.k[0, :, :n].clone(), layer.v[0, :, :n].clone()) for layer in view]
         states = [RowState(r, self.tokenizer, self.model.args.vocab_size, device=dev) for r in reqs]
         self._rows.extend(states)
         self._advance(states, logits)

@@ -159,12 +159,15 @@ PREFILL_PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("overhead", [10**6, None])  # one padded forward for all eight / the Engine's own grouping
-def test_batched_prefill_equals_alone(eng: Engine, overhead: int | None) -> None:
+@pytest.mark.parametrize("overhead,reuse", [(10**6, False), (10**6, True), (None, True)])
+def test_batched_prefill_equals_alone(eng: Engine, overhead: int | None, reuse: bool) -> None:
+    """Eight chat prompts of different lengths admitted in one step give each prompt's own greedy text: prefilled in
+    one right-padded forward; or, with the prefix store, the first alone and the rest from its shared system prompt."""
     big = Engine(eng.model, eng.tokenizer, max_batch=8, max_len=512, name="test-prefill")
     try:
         if overhead is not None:
             big.prefill_overhead = overhead
+        big.prefix_reuse = reuse
         lengths = [len(big.tokenizer.apply_chat_template(_chat(q), add_generation_prompt=True, tokenize=True))
                    for q in PREFILL_PROMPTS]
         assert len(set(lengths)) == len(lengths)  # all different: the batch is padded
@@ -174,11 +177,20 @@ def test_batched_prefill_equals_alone(eng: Engine, overhead: int | None) -> None
         for q, want, req in zip(PREFILL_PROMPTS, expected, reqs):
             assert req.wait(timeout=300) and req.error is None
             assert req.text == want, q
-        if overhead is not None:
-            assert big.prefill_forwards == 1  # all eight prompts in one right-padded forward
+        if not reuse:
+            assert big.prefill_forwards == 1 and big.prefix_tokens_reused == 0  # all eight in one padded forward
+        elif overhead is not None:
+            assert big.prefill_forwards == 2  # the first prompt alone, then the seven others on its prefix
+            assert big.prefix_tokens_reused >= 7 * 20  # the chat template's system prompt, 7 times
         else:
-            assert 1 <= big.prefill_forwards < len(PREFILL_PROMPTS)
+            assert 2 <= big.prefill_forwards < len(PREFILL_PROMPTS) and big.prefix_tokens_reused >= 7 * 20
         assert big.stats()["active"] == 0
+        # later requests reuse the stored prefix too, a prompt equal to the stored one included (its last token is
+        # computed again for the logits)
+        before = big.prefix_tokens_reused
+        again = [big.generate(_chat(q), max_new_tokens=N_NEW) for q in (PREFILL_PROMPTS[0], PREFILL_PROMPTS[0], "Hello")]
+        assert again[:2] == [expected[0]] * 2 and again[2] == _alone(big, "Hello")
+        assert (big.prefix_tokens_reused - before >= 3 * 20) if reuse else big.prefix_tokens_reused == 0
     finally:
         big.close()
 
