@@ -5,9 +5,12 @@
 Both models share the same random bf16 weights (built once, on the GPU, by transformers' Qwen2ForCausalLM and
 assigned into modelcore's Transformer without a copy). Figures: decode tok/s at batch 1 and 32 (greedy, after
 a 128-token prompt), time to first token for a 4096-token prompt, for transformers bf16 (`generate`, default
-dynamic cache), ours bf16 and ours int4 (group 128, `aten._weight_int4pack_mm`), ours through `model.generate`
+dynamic cache), ours bf16 and ours int4 (group 128, `aten._weight_int4pack_mm`, lm_head int4 too, embedding rows int4
+group 128), ours through `model.generate`
 (the product path: static KV cache, torch.compile'd blocks, one CUDA graph replay per token; see
-modelcore/generate.py GraphDecoder). Also checks one CUDA int4 linear against its dequantized matmul.
+modelcore/generate.py GraphDecoder). Also checks one CUDA int4 linear against its dequantized matmul, the int4 model's
+kernel prefill against its dequantized-weight prefill and its graphed greedy decode against eager teacher-forced
+argmax, and records resident sizes (parameters + buffers) of bf16 and int4 with and without the int4 embedding/head.
 """
 from __future__ import annotations
 
@@ -81,6 +84,30 @@ def int4_kernel_check() -> dict:
             "dense_prefill_vs_kernel_cos_min": cos(linear(lin, xl), lin(xl))}
 
 
+def int4_model_checks(model: Transformer) -> dict:
+    """The int4 model against itself through its other paths: prefill logits through the int4 kernel vs through the
+    dequantized dense weights (the long-prompt path), and greedy tokens of the graphed decode vs eager decode."""
+    import modelcore.model as mm
+
+    ids = torch.randint(0, CFG["vocab_size"], (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    with torch.inference_mode():
+        kern = model(ids).logits.float()
+        saved, mm.PREFILL_DEQUANT_ROWS = mm.PREFILL_DEQUANT_ROWS, 1
+        try:
+            dense = model(ids).logits.float()
+        finally:
+            mm.PREFILL_DEQUANT_ROWS = saved
+        graphed = model.generate(input_ids=ids, max_new_tokens=24, eos_token_id=[])
+        forced = model(graphed[:, :-1]).logits.float()[:, 63:]  # eager, teacher-forced on the graphed tokens
+        top2 = forced.topk(2, dim=-1).values
+    agree = forced.argmax(-1) == graphed[:, 64:]
+    return {"prefill_kernel_vs_dequantized_logits_cos_min": round(float(F.cosine_similarity(kern, dense, dim=-1).min()), 5),
+            "prefill_kernel_vs_dequantized_argmax_agreement": round(float((kern.argmax(-1) == dense.argmax(-1)).float().mean()), 4),
+            "graphed_greedy_vs_eager_teacher_forced_argmax_agreement": round(float(agree.float().mean()), 4),
+            "median_top1_top2_logit_gap": round(float((top2[..., 0] - top2[..., 1]).median()), 4),
+            "note": "random weights: near-tied logits, so argmax agreement < 1 between numerically different paths"}
+
+
 def bench_hf(hf, *, prompt: int, new: int, ttft_len: int) -> dict:
     res: dict = {}
     dev = hf.device
@@ -149,13 +176,33 @@ def main(argv: list[str] | None = None) -> dict:
     ours.__dict__.pop("_compiled_blocks", None)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    quantize_model(ours, "int4", group_size=128, quantize_embeddings=False)
+    from modelcore.quant import quantized_nbytes
+
+    bf16_model_bytes = quantized_nbytes(ours)
+    head_bf16_bytes = ours.lm_head.weight.numel() * 2
+    emb_bf16_bytes = ours.model.embed_tokens.weight.numel() * 2
+    # int4 linears and head (group 128, CUDA tinygemm layout), int4 embedding rows (group 128)
+    quantize_model(ours, "int4", group_size=128, embeddings="int4", embedding_group_size=128)
     torch.cuda.empty_cache()
+    int4_bytes = quantized_nbytes(ours)
+    emb4_bytes = quantized_nbytes(ours.model.embed_tokens)
+    head4_bytes = quantized_nbytes(ours.lm_head)
+    sizes = {"bf16_gb": bf16_model_bytes / 1e9,
+             "int4_all_gb": int4_bytes / 1e9,
+             "int4_bf16_embedding_gb": (int4_bytes - emb4_bytes + emb_bf16_bytes) / 1e9,
+             "int4_bf16_embedding_and_head_gb": (int4_bytes - emb4_bytes - head4_bytes + emb_bf16_bytes + head_bf16_bytes) / 1e9}
+    out["resident_size"] = {k: round(v, 3) for k, v in sizes.items()} | {
+        f"{k.removesuffix('_gb')}_vs_bf16": round(v / sizes["bf16_gb"], 4) for k, v in sizes.items() if k != "bf16_gb"} | {
+        "note": "parameters + buffers (quant.quantized_nbytes), measured on the GPU; variants swap in the measured "
+                "bf16 sizes of the embedding (152064x3584) and head"}
+    print("resident_size", out["resident_size"], flush=True)
     with torch.inference_mode():
         lq = ours(ids).logits.float()
         out["int4_vs_bf16_logits_cos_mean"] = round(float(F.cosine_similarity(lq, la, dim=-1).mean()), 5)
-    results["ours_int4_g128"] = bench_ours(ours, prompt=a.prompt, new=a.new, ttft_len=a.ttft_len)
-    print("ours_int4_g128", results["ours_int4_g128"], flush=True)
+    results["ours_int4_g128_emb4"] = bench_ours(ours, prompt=a.prompt, new=a.new, ttft_len=a.ttft_len)
+    print("ours_int4_g128_emb4", results["ours_int4_g128_emb4"], flush=True)
+    out["int4_checks"] = int4_model_checks(ours)
+    print("int4_checks", out["int4_checks"], flush=True)
     out["gpu_mem_bf16_both_models_gb"] = round(bf16_bytes / 2**30, 2)
     out["gpu_mem_int4_model_gb"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     out["results"] = results

@@ -96,6 +96,16 @@ def _compiled_dequantize() -> Any:
 def dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
     """bf16 weight (N, K) of a CUDA tinygemm int4 weight (layout read back via _cuda_int4_tile_order)."""
     where = _cuda_int4_tile_order(packed.device)
+    from modelcore import triton_int4
+
+    # Opt-in ($MODELCORE_INT4_TRITON=1): one Triton kernel (gather within each 512-byte tile, scale, store). Measured on
+    # an H200 (benchmarks/results/int4_kernels_dequant.json) it is slower than the compiled twin below: 18.6 vs 16.6 ms
+    # for all 7B-shape weights (the byte gather out of tinygemm's tiles); a plain layout dequantizes in 5.8 ms.
+    if os.environ.get("MODELCORE_INT4_TRITON", "0") == "1" and triton_int4.available() and k % 128 == 0:
+        try:
+            return triton_int4.dequantize_tiled(packed, scales_and_zeros, where, group_size, n, k)
+        except Exception:  # noqa: BLE001 - fall back to the torch twin below
+            pass
     if os.environ.get("MODELCORE_COMPILE", "1") != "0":
         try:
             return _compiled_dequantize()(packed, scales_and_zeros, where, group_size, n, k)

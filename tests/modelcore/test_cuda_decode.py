@@ -92,6 +92,16 @@ def test_cuda_int4_dense_prefill_matches_kernel() -> None:
     assert lin.kernel == "packed" and lin.packed.is_cuda
     deq = dequantize_cuda_int4(lin.packed, lin.scales_and_zeros, 128, 384, 512)
     torch.testing.assert_close(deq.float(), qw.dequantize(torch.float32), rtol=0.01, atol=2e-4)  # bf16 scales/zeros
+    from modelcore import triton_int4
+    from modelcore.model import _cuda_int4_tile_order, _dequantize_cuda_int4
+
+    twin = _dequantize_cuda_int4(lin.packed, lin.scales_and_zeros, _cuda_int4_tile_order(w.device), 128, 384, 512)
+    torch.testing.assert_close(deq.float(), twin.float(), rtol=0.01, atol=5e-4)  # Triton rounds once, the twin per op
+    if triton_int4.available():
+        buf = torch.empty(384, 512, device="cuda", dtype=torch.bfloat16)
+        tri = triton_int4.dequantize_tiled(lin.packed, lin.scales_and_zeros, _cuda_int4_tile_order(w.device), 128, 384, 512, out=buf)
+        assert tri.data_ptr() == buf.data_ptr()  # the opt-in Triton kernel (MODELCORE_INT4_TRITON=1) reads the same layout
+        torch.testing.assert_close(tri.float(), twin.float(), rtol=0.01, atol=5e-4)
     x = torch.randn(PREFILL_DEQUANT_ROWS + 7, 512, device="cuda", dtype=torch.bfloat16)
     kernel, dense = lin(x), linear(lin, x)
     cos = torch.nn.functional.cosine_similarity(kernel.float(), dense.float(), dim=-1)
