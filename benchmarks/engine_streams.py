@@ -63,6 +63,9 @@ def measure(eng, questions: list[str], max_new_tokens: int) -> dict:
     single = {"tokens": sum(r["tokens"] for r in one), "seconds": sum(r["seconds"] for r in one)}
     single["tokens_per_s"] = single["tokens"] / single["seconds"]
     single["mean_time_to_first_piece_s"] = sum(r["mean_time_to_first_piece_s"] for r in one) / len(one)
+    # the Engine's prefix store now holds the last question; a chat request on another subject leaves it holding
+    # only what the N questions share with any chat request (the template's system prompt), as in steady serving
+    eng.generate([{"role": "user", "content": "Good morning."}], max_new_tokens=1)
     many = run_streams(eng, questions, max_new_tokens)
     # greedy: a stream's text should not depend on batching; batched int4 matmuls round differently from one row,
     # so a near-tie late in a text can flip (the count shows how often)

@@ -2,9 +2,11 @@
 
 A background thread owns the model and a static KV cache of ``max_batch`` rows (request slots). Each step it
 (1) drops cancelled requests, (2) admits waiting requests into free rows: their prompts are prefilled together in
-one right-padded forward (prompts of similar length grouped, see ``prefill_groups``), (3) decodes one token for
-every active row in one batched forward, (4) streams text to each request and frees finished rows. Active requests always occupy rows ``0..n-1``: a freed row is filled by copying the last row
-into it, so the batched decode runs on a contiguous view of the cache.
+right-padded forwards (prompts of similar length grouped, see ``prefill_groups``), and the leading tokens a prompt
+shares with the last prefilled one (a chat template's system prompt) are copied from a one-prompt prefix store
+instead of being computed again, (3) decodes one token for every active row in one batched forward, (4) streams
+text to each request and frees finished rows. Active requests always occupy rows ``0..n-1``: a freed row is
+filled by copying the last row into it, so the batched decode runs on a contiguous view of the cache.
 
     eng = Engine.get()                       # $KD_GENERATOR_MODEL or the bundled SmolLM2 GGUF, loaded once
     req = eng.submit(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=64)

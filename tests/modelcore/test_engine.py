@@ -195,6 +195,19 @@ def test_batched_prefill_equals_alone(eng: Engine, overhead: int | None, reuse: 
         big.close()
 
 
+def test_single_prefill_mode_equals_alone(eng: Engine) -> None:
+    """prefill="single" (the former one-prompt-per-forward admission, kept for A/B benchmarks) still serves right."""
+    old = Engine(eng.model, eng.tokenizer, max_batch=2, max_len=512, name="test-single", prefill="single")
+    try:
+        texts = _concurrently(lambda i: old.generate(_chat(QUESTIONS[i]), max_new_tokens=N_NEW), 2)
+        assert texts == [_alone(eng, q) for q in QUESTIONS[:2]]
+        assert old.prefill_forwards == 2 and old.prefix_tokens_reused == 0
+    finally:
+        old.close()
+    with pytest.raises(ValueError, match="prefill"):
+        Engine(eng.model, eng.tokenizer, prefill="paged")
+
+
 def test_prefill_groups() -> None:
     from modelcore.engine import prefill_groups
 
