@@ -136,6 +136,7 @@ KD_GENERATOR_QUANTIZATION = os.environ.get("KD_GENERATOR_QUANTIZATION", "") or N
 # Compute dtype of the generator: "bfloat16" | "float32"; unset: bfloat16 where the CPU has bf16 units (prefill ~1.7x
 # faster than float32 there), else the checkpoint's own.
 KD_GENERATOR_DTYPE = os.environ.get("KD_GENERATOR_DTYPE", "") or None
+KD_WORKER_WARM_UP = env_bool("KD_WORKER_WARM_UP", True)  # workers load the embedder and partitioners at start
 KD_ANSWER_WITH_MODEL = env_bool("KD_ANSWER_WITH_MODEL", True)  # off: answers quote the sources, no generation
 
 # Celery

@@ -126,6 +126,8 @@ def warm_up_wait() -> None:
 
 @worker_process_init.connect
 def _on_worker_process_init(**_kwargs) -> None:
-    if os.environ.get("KD_WORKER_WARM_UP", "1") != "0":
+    from django.conf import settings
+
+    if getattr(settings, "KD_WORKER_WARM_UP", True):
         done = _warming["done"] = threading.Event()
         threading.Thread(target=_warm_up, args=(done,), name="kd-warm-up", daemon=True).start()
