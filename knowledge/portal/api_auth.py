@@ -27,19 +27,29 @@ def _csrf_failure(request) -> JsonResponse | None:
     return None
 
 
+def _bearer_sign_in(request) -> bool | JsonResponse:
+    """Sign the request in by its `Authorization: Bearer` token: True when it did, False when there is no such
+    header, a 401 JSON response when the token is unknown or revoked."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if not header.startswith("Bearer "):
+        return False
+    user = token_authenticate(key=header[7:].strip())
+    if user is None:
+        return JsonResponse({"error": "Invalid or revoked API token."}, status=401)
+    request.user = user
+    request.auth_via = "token"
+    return True
+
+
 def api_view(view):
     """Authenticate by bearer token or by session (+CSRF); answer 401 JSON otherwise."""
 
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
-        header = request.META.get("HTTP_AUTHORIZATION", "")
-        if header.startswith("Bearer "):
-            user = token_authenticate(key=header[7:].strip())
-            if user is None:
-                return JsonResponse({"error": "Invalid or revoked API token."}, status=401)
-            request.user = user
-            request.auth_via = "token"
-        else:
+        by_token = _bearer_sign_in(request)
+        if isinstance(by_token, JsonResponse):
+            return by_token
+        if not by_token:
             if not request.user.is_authenticated:
                 request.user = AnonymousUser()
                 return JsonResponse({"error": "Authentication required (session or Bearer token)."}, status=401)
@@ -61,14 +71,10 @@ def token_or_session(view):
 
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
-        header = request.META.get("HTTP_AUTHORIZATION", "")
-        if header.startswith("Bearer "):
-            user = token_authenticate(key=header[7:].strip())
-            if user is None:
-                return JsonResponse({"error": "Invalid or revoked API token."}, status=401)
-            request.user = user
-            request.auth_via = "token"
-        elif not request.user.is_authenticated:
+        by_token = _bearer_sign_in(request)
+        if isinstance(by_token, JsonResponse):
+            return by_token
+        if not by_token and not request.user.is_authenticated:
             from django.contrib.auth.views import redirect_to_login
 
             return redirect_to_login(request.get_full_path())
