@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quantization", default=None, choices=[None, "int8", "int4"])
+    ap.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"],
+                    help="activation dtype (default: the checkpoint's own; the portal uses bfloat16 on CPUs with bf16 units)")
     ap.add_argument("--ab", action="store_true", help="also measure the former per-prompt prefill, alternating")
     ap.add_argument("--rounds", type=int, default=1, help="measurement rounds (best of each Engine is kept)")
     a = ap.parse_args()
@@ -94,7 +96,7 @@ def main() -> None:
     from modelcore.engine import Engine
 
     t0 = time.perf_counter()
-    eng = Engine.get(quantization=a.quantization, max_batch=a.streams, max_len=1024)
+    eng = Engine.get(quantization=a.quantization, max_batch=a.streams, max_len=1024, dtype=a.dtype)
     load_s = time.perf_counter() - t0
     engines = {"batched": eng}
     if a.ab:
@@ -112,7 +114,7 @@ def main() -> None:
     key = f"{a.streams}_concurrent_streams"
     best = {k: max(v, key=lambda m: m[key]["tokens_per_s"]) for k, v in rounds.items()}
     result = {
-        "what": f"Engine tokens/s, SmolLM2-135M-Instruct (GGUF Q4_1, quantization={a.quantization}), greedy chat requests",
+        "what": f"Engine tokens/s, SmolLM2-135M-Instruct (GGUF Q4_1, quantization={a.quantization}, dtype={eng.model.dtype}), greedy chat requests",
         "tokens_per_s": "generated tokens of all streams / wall seconds from first submit to last token (prefill included)",
         "threads": a.threads, "max_new_tokens": a.max_new_tokens, "load_seconds": load_s, "rounds": a.rounds,
         **best["batched"],
@@ -127,7 +129,7 @@ def main() -> None:
         show(f"best, prefill={k}: ", m, a.streams)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.is_file() else {}
-    runs[f"quantization={a.quantization or 'none'}"] = result  # one entry per weight format, latest run wins
+    runs[f"quantization={a.quantization or 'none'}" + (f",dtype={a.dtype}" if a.dtype else "")] = result  # one entry per weight format, latest run wins
     RESULTS.write_text(json.dumps({"runs": runs}, indent=2))
     print(f"saved {RESULTS}")
     for e in engines.values():
