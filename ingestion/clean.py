@@ -19,6 +19,9 @@ _MIN_PAGES_FOR_RUNNING = 3
 _KEEP_WIDE = frozenset("，。！？；：、（）【】《》〈〉「」『』〔〕…—·～“”‘’")
 _CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef"
 _HYPHEN_LOWER = re.compile(r"(\w)[-\u00ad\x02]\n(?=[a-z])")
+_HYPHEN_BREAK = re.compile(r"(\w+)-\n([a-z]\w*)")
+_BROKEN_WORD = re.compile(r"\w+[-\u00ad\x02]\n[a-z]\w*")
+_WORDS = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 _HYPHEN_OTHER = re.compile(r"(\w)-\n(?=\w)")
 _SOFT_HYPHEN = re.compile(r"[\u00ad\x02]")
 _NEWLINE_CJK = re.compile(rf"(?<=[{_CJK}])\s*\n\s*(?=[{_CJK}])")
@@ -46,9 +49,43 @@ def _running_key(text: str) -> str:
     return _DIGITS.sub("#", _SPACES.sub(" ", text.replace("\n", " ")).strip().lower())
 
 
-def clean_text(text: str, *, keep_lines: bool = False) -> str:
-    """Fix line-end hyphenation, normalise width and whitespace; tables keep their line breaks."""
+def document_vocabulary(texts: Iterable[str]) -> frozenset[str]:
+    """Lower-cased words and hyphenated compounds a document uses away from line ends (for line-end hyphens)."""
+    vocab: set[str] = set()
+    for text in texts:
+        for word in _WORDS.findall(_BROKEN_WORD.sub(" ", text)):
+            word = word.lower()
+            vocab.add(word)
+            if "-" in word:
+                vocab.update(word.split("-"))
+    return frozenset(vocab)
+
+
+def _line_end_hyphen(vocab: frozenset[str]):
+    """Rejoin `left-\nright`: as one word when the document writes it so (or does not know the parts), hyphenated
+    when the document writes the compound, or both parts as words of their own and never the joined word."""
+
+    def join(m: re.Match) -> str:
+        left, right = m.group(1), m.group(2)
+        lo, ro = left.lower(), right.lower()
+        if (lo + ro) in vocab:
+            return left + right
+        if f"{lo}-{ro}" in vocab or (len(lo) > 1 and len(ro) > 1 and lo in vocab and ro in vocab):
+            return f"{left}-{right}"
+        return left + right
+
+    return join
+
+
+def clean_text(text: str, *, keep_lines: bool = False, vocab: frozenset[str] | None = None) -> str:
+    """Fix line-end hyphenation, normalise width and whitespace; tables keep their line breaks.
+
+    vocab: the document's words (``document_vocabulary``); with it a line-end hyphen of a compound the document
+    uses ("long-\nterm") is kept, without it every lower-case continuation is joined ("manu-\nfacturing").
+    """
     text = normalize_width(text).replace("\r\n", "\n").replace("\r", "\n")
+    if vocab:
+        text = _HYPHEN_BREAK.sub(_line_end_hyphen(vocab), text)
     text = _HYPHEN_LOWER.sub(r"\1", text)
     text = _HYPHEN_OTHER.sub(r"\1-", text)
     text = _SOFT_HYPHEN.sub("", text)
@@ -97,6 +134,7 @@ def clean_elements(elements: Iterable[Element], *, boilerplate: set[str] | froze
     """Return cleaned copies; drops headers/footers, page numbers, boilerplate, empty and duplicate paragraphs."""
     items = [el for el in elements if el.type not in DROP_TYPES and el.text.strip()]
     running = _running_indexes(items)
+    vocab = document_vocabulary(normalize_width(el.text).replace("\r\n", "\n").replace("\r", "\n") for el in items)
     seen: set[str] = set()
     out: list[Element] = []
     out_src: list[int] = []  # index in `items` of each kept element
@@ -109,7 +147,7 @@ def clean_elements(elements: Iterable[Element], *, boilerplate: set[str] | froze
     for i, el in enumerate(items):
         if i in running or (el.type not in ("Table", "Title") and _PAGE_NO.match(el.text)):
             continue
-        text = clean_text(el.text, keep_lines=el.type == "Table")
+        text = clean_text(el.text, keep_lines=el.type == "Table", vocab=vocab)
         if not text:
             continue
         fp = paragraph_fingerprint(text)
