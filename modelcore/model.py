@@ -31,12 +31,6 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None
 
 
-@functools.cache
-def _cpu_bf16() -> bool:
-    """True when the CPU has bfloat16 dot-product units (then bf16 caches are as fast as float32 ones)."""
-    from modelcore.defaults import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
 
 
 PREFILL_DEQUANT_ROWS = 256  # CUDA int4: from this many tokens on, dequantize the layer's weight and run the dense GEMM
@@ -182,9 +176,10 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
-        """Allocate this layer's KV cache (float32 for 16-bit models on a CPU without bf16 units: attention reads it
-        twice as fast there, at twice the cache memory)."""
-        if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_bf16():
+        """Allocate this layer's KV cache: float32 for 16-bit models on a CPU, at twice the cache memory, because CPU
+        attention over a 16-bit cache is slow even with bf16 dot-product units (SDPA, one query over 256 keys, 2
+        threads, AVX512-BF16: 116 us in bf16 against 22 us in float32; decode ~20% faster end to end)."""
+        if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
             dtype = torch.float32
         return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, device, dtype)
 
