@@ -241,8 +241,8 @@ class Attention(nn.Module):
             else:
                 out = decode_attention(qc, k, v, mask, self.scale)  # (B, H, 1, D)
             out = out.to(q.dtype)
-        else:
-            out = attention(q, k, v, mask, self.scale, naive=self.naive)  # (B, H, T, D)
+        else:  # the cache may be float32 while activations are bf16 (see new_cache)
+            out = attention(q.to(k.dtype), k, v, mask, self.scale, naive=self.naive).to(q.dtype)  # (B, H, T, D)
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def unfused_linears(self) -> dict[str, nn.Module]:

@@ -215,3 +215,21 @@ def test_prefill_groups() -> None:
     assert prefill_groups([5, 300], overhead=8) == [[0], [1]]  # padding 5 -> 300 costs more than a forward
     groups = prefill_groups([39, 43, 39, 40, 46, 40, 42, 39])
     assert sorted(i for g in groups for i in g) == list(range(8))
+
+
+def test_bf16_engine_over_float32_cache(eng: Engine) -> None:
+    """The portal's CPU configuration: bf16 activations over a float32 KV cache (see Attention.new_cache), through
+    one-at-a-time requests that reuse the stored prefix and through a batched prefill."""
+    shared = Engine.get(dtype="bfloat16")
+    e = Engine(shared.model, shared.tokenizer, max_batch=4, max_len=512, name="test-bf16")
+    try:
+        assert e.model.dtype == torch.bfloat16 and e.model.new_cache(1, 8)[0].k.dtype == torch.float32
+        expected = [_alone(e, q) for q in QUESTIONS[:3]]
+        assert [e.generate(_chat(q), max_new_tokens=N_NEW) for q in QUESTIONS[:3]] == expected
+        assert e.prefix_tokens_reused >= 2 * 20  # the second and third reused the chat template's system prompt
+        with e._cond:  # admitted in one step: one batched prefill
+            reqs = [e.submit(messages=_chat(q), max_new_tokens=N_NEW) for q in QUESTIONS[:3]]
+        for req in reqs:
+            assert req.wait(timeout=300) and req.error is None and req.text.strip()
+    finally:
+        e.close()
