@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcore import cpu_int4
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-KERNELS = ("auto", "packed", "fallback")
+KERNELS = ("auto", "packed", "fallback", "native")  # "native": our own CPU int4 kernel (modelcore/cpu_int4.py)
 
 
 @dataclass
@@ -190,8 +192,10 @@ def _bf16_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int | None = None) -> str:
-    """'auto' -> 'packed' on CPU/CUDA, else 'fallback'.
+def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int | None = None,
+                    int4_shape: tuple[int, int, int] | None = None) -> str:
+    """'auto' -> 'native' for a CPU int4 weight our own kernel takes (when it builds here), else 'packed' on CPU/CUDA,
+    else 'fallback'. `int4_shape` = (out_features, in_features, group_size) of an int4 weight; "native" is int4-only.
 
     CPU `_weight_int8pack_mm` (torch 2.13) reads past the row for in_features not a multiple of 16: in_features
     8, 12, 24, 40, 56, 72, 100 segfault or return garbage (reproduced; 16, 32, 48, ..., 576, 1536 are exact).
@@ -202,6 +206,18 @@ def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int 
     unsafe = int8_in_features is not None and device.type == "cpu" and int8_in_features % 16 != 0
     if kernel == "packed" and unsafe:
         raise ValueError(f"the packed CPU int8 kernel needs in_features divisible by 16, got {int8_in_features}")
+    native_ok = int4_shape is not None and device.type == "cpu" and cpu_int4.supports(*int4_shape)
+    if kernel == "native":
+        if not native_ok:
+            raise ValueError(f"the native int4 kernel takes CPU int4 weights with out_features % 16 == 0 and "
+                             f"in_features % 32 == 0, got {device.type} {int4_shape}")
+        if cpu_int4.library() is None:
+            raise RuntimeError("the native int4 kernel is not available here (see the log; MODELCORE_CPU_INT4)")
+        return kernel
+    if kernel == "auto" and native_ok and cpu_int4.library() is not None:
+        return "native"
+    if kernel == "auto" and int4_shape is not None and device.type == "cpu" and int4_shape[0] % 16:
+        return "fallback"  # torch's packed CPU int4 layout needs out_features divisible by 16
     if kernel == "auto":
         return "packed" if device.type in ("cpu", "cuda") and not unsafe else "fallback"
     return kernel
@@ -252,9 +268,13 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qw.codes.shape
         self.group_size = qw.group_size
-        self.kernel = _resolve_kernel(kernel, qw.codes.device)
+        self.kernel = _resolve_kernel(kernel, qw.codes.device, int4_shape=(self.out_features, self.in_features, self.group_size))
         if self.kernel == "packed":
             self._build_packed(qw)
+        elif self.kernel == "native":
+            blocks, block_scales = cpu_int4.pack(qw.codes, qw.scales, qw.mins.float() + 8.0 * qw.scales.float())
+            self.register_buffer("blocks", blocks)  # (N, K/2) uint8, 16-row blocks (modelcore/cpu_int4.py)
+            self.register_buffer("block_scales", block_scales)  # (N, 2G) bfloat16
         else:
             self.register_buffer("codes", _pack_nibbles(qw.codes))  # (N, K/2)
             self.register_buffer("scales", qw.scales.float().contiguous())  # (N, G)
@@ -283,7 +303,7 @@ class Int4Linear(nn.Module):
 
     def rows_readable(self) -> bool:
         """True when single rows can be read back (fallback layout, or the CPU packed layout we know)."""
-        if self.kernel == "fallback":
+        if self.kernel in ("fallback", "native"):
             return True
         rows = cpu_int4_block_rows() if self.packed.device.type == "cpu" else None
         return rows is not None and self.out_features % rows == 0
@@ -292,6 +312,9 @@ class Int4Linear(nn.Module):
         """(codes (T, K) uint8, scales (T, G) float32, mins (T, G) float32) of output rows `ids` (1-D)."""
         if self.kernel == "fallback":
             return _unpack_nibbles(self.codes[ids]), self.scales[ids], self.mins[ids]
+        if self.kernel == "native":
+            codes, scales, zeros = cpu_int4.unpack_rows(self.blocks, self.block_scales, ids)
+            return codes, scales, zeros - 8.0 * scales
         rows = cpu_int4_block_rows()
         assert rows is not None and self.packed.device.type == "cpu", "rows of this packed layout cannot be read back"
         codes = _cpu_unpack_rows(self.packed, ids, self.in_features, rows)
@@ -311,12 +334,16 @@ class Int4Linear(nn.Module):
         return self.int4_weights().dequantize(dtype)
 
     def _any_buffer(self) -> torch.Tensor:
-        return self.codes if self.kernel == "fallback" else self.packed
+        return getattr(self, {"fallback": "codes", "native": "blocks"}.get(self.kernel, "packed"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kernel == "packed":
+        if self.kernel == "native":
+            xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+            y = cpu_int4.library().matmul(xf, self.blocks, self.block_scales, self.group_size)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+        elif self.kernel == "packed":
             xb = _bf16_contiguous(x2)
             if self.packed.device.type == "cuda":
                 y = torch.ops.aten._weight_int4pack_mm(xb, self.packed, self.group_size, self.scales_and_zeros)
@@ -459,6 +486,9 @@ def cat_linears(mods: list[nn.Module]) -> nn.Module:
         new.group_size, new.kernel = first.group_size, first.kernel
         if first.kernel == "fallback":
             for name in ("codes", "scales", "mins"):
+                new.register_buffer(name, torch.cat([getattr(m, name) for m in mods]).contiguous())
+        elif first.kernel == "native":  # 16-row blocks are row-contiguous in both buffers
+            for name in ("blocks", "block_scales"):
                 new.register_buffer(name, torch.cat([getattr(m, name) for m in mods]).contiguous())
         else:
             rows = cpu_int4_block_rows() if first.packed.device.type == "cpu" else None
