@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.c"
 ROWS, CHUNK = 16, 32
 ISAS = ("native", "x86-64-v3", "x86-64")  # -march values: this CPU; AVX2+FMA; baseline (the plain C path)
+EXACT = "exact"  # a test build: float activations and weights dequantized one by one (the C path's naive twin)
 
 
 def _cpu_id() -> str:
@@ -47,12 +48,13 @@ def _cache_dir() -> Path:
 
 def build(isa: str = "native") -> Path:
     """Compile the kernel for `isa` (a -march value) unless a build for this source, flags and CPU exists."""
-    if isa not in ISAS:
-        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa not in (*ISAS, EXACT):
+        raise ValueError(f"isa must be one of {ISAS} or {EXACT!r}, got {isa!r}")
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    flags = ["-O3", f"-march={isa}", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    march = ["-march=native", "-DMC_EXACT"] if isa == EXACT else [f"-march={isa}"]
+    flags = ["-O3", *march, "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"int4_cpu-{isa}-{key}.so"
     if out.exists():

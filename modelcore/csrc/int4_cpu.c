@@ -32,7 +32,9 @@
 #define MT 4 /* rows of x per pass over a block's weights */
 
 const char *mc_int4_isa(void) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(MC_EXACT)
+    return "exact";
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
     return "avx512vnni";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
@@ -226,6 +228,26 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
     if (M <= 0 || K <= 0 || N <= 0 || K % CHUNK || group % CHUNK || K % group || N % ROWS) return 1;
     const int64_t C = K / CHUNK, G = K / group, nb = N / ROWS;
     const int cpg = (int)(group / CHUNK);
+#ifdef MC_EXACT
+    /* test build: float activations, weights dequantized one by one ((code - 8) * s + zero), no int8 rounding */
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t b = n / ROWS, r = n % ROWS;
+            double acc = 0.0;
+            for (int64_t k = 0; k < K; ++k) {
+                const int64_t c = k / CHUNK, col = k % CHUNK, v = col / 8, hi = (col % 8) / 4, j = col % 4;
+                const uint8_t byte = codes[b * C * CHUNK_BYTES + c * CHUNK_BYTES + 64 * v + 4 * r + j];
+                const int code = hi ? byte >> 4 : byte & 15;
+                const int64_t g = k / group;
+                const float sc = bf16_to_f32(sz[b * G * 2 * ROWS + g * 2 * ROWS + r]);
+                const float z = bf16_to_f32(sz[b * G * 2 * ROWS + g * 2 * ROWS + ROWS + r]);
+                acc += (double)((float)(code - 8) * sc + z) * (double)x[m * K + k];
+            }
+            y[m * N + n] = (float)acc;
+        }
+    (void)nb; (void)cpg; (void)nthreads;
+    return 0;
+#endif
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *d = (float *)malloc(sizeof(float) * (size_t)(M * C) * 3);
     if (!xq || !d) { free(xq); free(d); return 2; }
@@ -255,4 +277,101 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
     free(xq);
     free(d);
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * One decode step of a Llama/Qwen2-family stack for one sequence, all layers in one call: the Python side spends
+ * a few microseconds per torch op, and a layer is some twenty of them, more than its four matmuls cost here.
+ * Per layer (float32 throughout; the naive twin is the torch path of modelcore/model.py):
+ *   x = rmsnorm(h) * w_attn_norm; qkv = x @ Wqkv^T (+ bias); RoPE (rotate-half) on q and k with cos/sin of `pos`;
+ *   k, v written to the cache at `pos`; per head softmax(q k^T * scale) v over keys [start, pos];
+ *   h += attn @ Wo^T; x = rmsnorm(h) * w_ffn_norm; g, u = x @ Wgu^T; h += (silu(g) * u) @ Wdown^T.
+ * Then out = rmsnorm(h) * w_final_norm. Layer pointers come as int64 addresses, DECODE_FIELDS per layer.
+ * --------------------------------------------------------------------------------------------------------------- */
+enum { F_NORM1, F_QKV, F_QKV_S, F_QKV_B, F_O, F_O_S, F_NORM2, F_GU, F_GU_S, F_DOWN, F_DOWN_S, F_KC, F_VC, DECODE_FIELDS };
+
+int mc_decode_fields(void) { return DECODE_FIELDS; }
+
+static void rmsnorm(const float *x, const float *w, int64_t n, float eps, float *out) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+static void rope_rotate_half(float *x, const float *cos, const float *sin, int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+int mc_llama_decode(const int64_t *table, int n_layers, int64_t D, int64_t H, int64_t Hkv, int64_t hd, int64_t I,
+                    int64_t group, int64_t max_len, float eps, int64_t window, float scale, const float *cos,
+                    const float *sin, int64_t pos, float *h, const float *final_norm, float *out, int nthreads) {
+    if (pos < 0 || pos >= max_len || H % Hkv || hd % 2) return 1;
+    const int64_t nq = H * hd, nkv = Hkv * hd, rep = H / Hkv, S = pos + 1;
+    const int64_t start = window > 0 && S > window ? S - window : 0;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(D + nq + 2 * nkv + nq + 2 * I + I + H * S));
+    if (!buf) return 2;
+    float *x = buf, *qkv = x + D, *att = qkv + nq + 2 * nkv, *gu = att + nq, *act = gu + 2 * I, *scores = act + I;
+    int rc = 0;
+    for (int l = 0; l < n_layers && !rc; ++l) {
+        const int64_t *t = table + (int64_t)l * DECODE_FIELDS;
+        rmsnorm(h, (const float *)t[F_NORM1], D, eps, x);
+        rc |= mc_int4_matmul(x, 1, D, nq + 2 * nkv, (const uint8_t *)t[F_QKV], (const uint16_t *)t[F_QKV_S], group, qkv, nthreads);
+        if (t[F_QKV_B]) {
+            const float *bias = (const float *)t[F_QKV_B];
+            for (int64_t i = 0; i < nq + 2 * nkv; ++i) qkv[i] += bias[i];
+        }
+        float *q = qkv, *k = qkv + nq, *v = k + nkv;
+        for (int64_t hh = 0; hh < H; ++hh) rope_rotate_half(q + hh * hd, cos, sin, hd);
+        float *kc = (float *)t[F_KC], *vc = (float *)t[F_VC];
+        for (int64_t g = 0; g < Hkv; ++g) {
+            rope_rotate_half(k + g * hd, cos, sin, hd);
+            memcpy(kc + (g * max_len + pos) * hd, k + g * hd, sizeof(float) * (size_t)hd);
+            memcpy(vc + (g * max_len + pos) * hd, v + g * hd, sizeof(float) * (size_t)hd);
+        }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && H * (S - start) * hd >= 65536)
+        for (int64_t hh = 0; hh < H; ++hh) {
+            const float *qh = q + hh * hd;
+            const float *kb = kc + (hh / rep) * max_len * hd, *vb = vc + (hh / rep) * max_len * hd;
+            float *sc = scores + hh * S, mx = -INFINITY;
+            for (int64_t s = start; s < S; ++s) {
+                const float *ks = kb + s * hd;
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < hd; ++i) dot += qh[i] * ks[i];
+                sc[s] = dot * scale;
+                mx = sc[s] > mx ? sc[s] : mx;
+            }
+            float sum = 0.f;
+            for (int64_t s = start; s < S; ++s) { sc[s] = expf(sc[s] - mx); sum += sc[s]; }
+            float *o = att + hh * hd;
+            for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
+            for (int64_t s = start; s < S; ++s) {
+                const float p = sc[s] / sum;
+                const float *vs = vb + s * hd;
+#pragma omp simd
+                for (int64_t i = 0; i < hd; ++i) o[i] += p * vs[i];
+            }
+        }
+        rc |= mc_int4_matmul(att, 1, nq, D, (const uint8_t *)t[F_O], (const uint16_t *)t[F_O_S], group, x, nthreads);
+        for (int64_t i = 0; i < D; ++i) h[i] += x[i];
+        rmsnorm(h, (const float *)t[F_NORM2], D, eps, x);
+        rc |= mc_int4_matmul(x, 1, D, 2 * I, (const uint8_t *)t[F_GU], (const uint16_t *)t[F_GU_S], group, gu, nthreads);
+        for (int64_t i = 0; i < I; ++i) {
+            const float g = gu[i];
+            act[i] = g / (1.f + expf(-g)) * gu[I + i];
+        }
+        rc |= mc_int4_matmul(act, 1, I, D, (const uint8_t *)t[F_DOWN], (const uint16_t *)t[F_DOWN_S], group, x, nthreads);
+        for (int64_t i = 0; i < D; ++i) h[i] += x[i];
+    }
+    if (!rc && final_norm) rmsnorm(h, final_norm, D, eps, out);
+    free(buf);
+    return rc;
 }

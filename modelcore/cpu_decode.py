@@ -1,0 +1,135 @@
+"""The whole layer stack of a one-sequence CPU decode step in one C call (`mc_llama_decode` in csrc/int4_cpu.c).
+
+Why: a Llama layer is ~20 torch ops around its four matmuls, and each op costs microseconds of dispatch on a CPU
+(5 us for a 576-element multiply on a 2-core VM), more than the layer's int4 matmuls themselves. The C step does the
+same maths as `Block.forward` (RMSNorm, fused q/k/v with bias, rotate-half RoPE from the model's own cos/sin
+table, the KV cache write at the position, softmax attention over the cache with GQA and an optional sliding
+window, o projection, SwiGLU) in float32 with our int4 kernel, then the final norm; the torch side keeps the
+embedding lookup, the output head and sampling. The torch path stays the naive twin (tests/modelcore/test_cpu_decode.py).
+
+Taken by `generate` for batch 1 on CPU when every layer is a GQA `Attention` + SwiGLU `MLP` with fused projections
+on the native int4 kernel, silu, a RoPE table, and a float32 cache; anything else keeps the torch path.
+`MODELCORE_FUSED_DECODE=0` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from modelcore import cpu_int4
+
+FIELDS = ("norm1", "qkv", "qkv_s", "qkv_b", "o", "o_s", "norm2", "gu", "gu_s", "down", "down_s", "kc", "vc")
+
+
+def _native(mod) -> bool:
+    return getattr(mod, "kernel", None) == "native"
+
+
+def supported(model) -> bool:
+    """Whether `model`'s layers can run as one fused C step (see the module docstring)."""
+    from modelcore.model import MLP, Attention
+
+    if os.environ.get("MODELCORE_FUSED_DECODE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    args = model.args
+    if model.device.type != "cpu" or args.attention != "gqa" or args.hidden_act != "silu" or cpu_int4.library() is None:
+        return False
+    groups = set()
+    for layer in model.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        if type(att) is not Attention or type(mlp) is not MLP or att.naive:
+            return False
+        mods = [getattr(att, "qkv_proj", None), att.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
+        if not all(_native(m) for m in mods) or any(m.bias is not None for m in mods[1:]):
+            return False
+        groups |= {m.group_size for m in mods}
+        if att.rotary.table("cpu", torch.float32) is None:
+            return False
+    return len(groups) == 1
+
+
+class FusedDecoder:
+    """Decode steps of one sequence over `cache` (float32 KVCache list, batch 1) through the C stack.
+
+    kernel: the built library to use (default: this CPU's; tests pass `cpu_int4.load("exact")`)."""
+
+    def __init__(self, model, cache: list, kernel: cpu_int4.Kernel | None = None) -> None:
+        lib = kernel or cpu_int4.library()
+        assert lib is not None and supported(model), "the model does not fit the fused CPU decode step"
+        self.model, self.lib = model, lib.lib
+        if lib.lib.mc_decode_fields() != len(FIELDS):
+            raise RuntimeError("modelcore/csrc/int4_cpu.c and cpu_decode.py disagree on the layer table")
+        a = model.args
+        att0 = model.model.layers[0].self_attn
+        self.dims = (a.dim, att0.n_heads, att0.n_kv_heads, att0.head_dim, model.model.layers[0].mlp.down_proj.in_features,
+                     att0.qkv_proj.group_size, cache[0].max_len)
+        self.eps, self.window, self.scale = float(a.rms_norm_eps), int(a.sliding_window or 0), float(att0.scale)
+        self.cos, self.sin = att0.rotary.table("cpu", torch.float32)  # (P, hd) float32
+        keep = []  # float32 copies the table points into (kept alive with it)
+        rows = []
+        for layer, lc in zip(model.model.layers, cache):
+            att, mlp = layer.self_attn, layer.mlp
+            if lc.k.dtype != torch.float32 or lc.k.shape[0] != 1 or not (lc.k.is_contiguous() and lc.v.is_contiguous()):
+                raise ValueError("the fused decode step needs a contiguous float32 cache of batch 1")
+            n1 = layer.input_layernorm.weight.detach().float().contiguous()
+            n2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
+            qb = att.qkv_proj.bias.float().contiguous() if att.qkv_proj.bias is not None else None
+            keep += [n1, n2] + ([qb] if qb is not None else [])
+            rows.append([n1.data_ptr(), att.qkv_proj.blocks.data_ptr(), att.qkv_proj.block_scales.data_ptr(),
+                         qb.data_ptr() if qb is not None else 0, att.o_proj.blocks.data_ptr(),
+                         att.o_proj.block_scales.data_ptr(), n2.data_ptr(), mlp.gate_up_proj.blocks.data_ptr(),
+                         mlp.gate_up_proj.block_scales.data_ptr(), mlp.down_proj.blocks.data_ptr(),
+                         mlp.down_proj.block_scales.data_ptr(), lc.k.data_ptr(), lc.v.data_ptr()])
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.final_norm = model.model.norm.weight.detach().float().contiguous()
+        self._keep, self._cache = keep, cache
+        fn = lib.lib.mc_llama_decode
+        fn.restype = ctypes.c_int
+        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, f32, i64, f32, ptr, ptr, i64, ptr, ptr, ptr,
+                       ctypes.c_int]
+        self._fn = fn
+
+    def hidden(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Final-norm hidden state (1, 1, D) float32 of `token` (one id) at position `pos`; writes the cache at `pos`."""
+        d, hq, hkv, hd, inter, group, max_len = self.dims
+        if not 0 <= pos < min(max_len, self.cos.shape[0]):
+            raise ValueError(f"position {pos} outside the cache ({max_len}) or the RoPE table ({self.cos.shape[0]})")
+        h = self.model.model.embed_tokens(token.view(1, 1)).float().contiguous().view(d)
+        out = torch.empty(d, dtype=torch.float32)
+        rc = self._fn(self.table.data_ptr(), self.table.shape[0], d, hq, hkv, hd, inter, group, max_len, self.eps,
+                      self.window, self.scale, self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), pos, h.data_ptr(),
+                      self.final_norm.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"fused decode step failed (code {rc})")
+        return out.view(1, 1, d)
+
+    def logits(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits (1, V) of the next token."""
+        return self.model.lm_head(self.hidden(token, pos).to(self.model.dtype))[:, -1]
+
+
+class _Slot:
+    """Where a model keeps its current FusedDecoder: copies and pickles of the model get an empty slot (the decoder
+    holds raw addresses of this model's tensors)."""
+
+    def __init__(self) -> None:
+        self.dec: FusedDecoder | None = None
+
+    def __deepcopy__(self, memo: dict) -> "_Slot":
+        return _Slot()
+
+    def __reduce__(self):
+        return (_Slot, ())
+
+
+def fused_decoder(model, cache: list) -> FusedDecoder | None:
+    """The FusedDecoder for this (model, cache), built once per cache; None when the model does not fit."""
+    if not cache or cache[0].k.shape[0] != 1 or not supported(model):
+        return None
+    slot = model.__dict__.setdefault("_fused_decoder", _Slot())
+    if slot.dec is None or slot.dec._cache is not cache:
+        slot.dec = FusedDecoder(model, cache)
+    return slot.dec
