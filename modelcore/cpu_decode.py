@@ -20,7 +20,7 @@ import torch
 
 from modelcore import cpu_int4
 
-FIELDS = ("norm1", "qkv", "qkv_s", "qkv_b", "o", "o_s", "norm2", "gu", "gu_s", "down", "down_s", "kc", "vc")
+FIELDS = ("norm1", "qkv", "qkv_s", "qkv_b", "o", "o_s", "norm2", "gu", "gu_s", "down", "down_s")
 
 
 def _native(mod) -> bool:
@@ -51,7 +51,8 @@ def supported(model) -> bool:
 
 
 class FusedDecoder:
-    """Decode steps of one sequence over `cache` (float32 KVCache list, batch 1) through the C stack.
+    """Decode steps over `cache` (a float32 KVCache list: generate's own, or an Engine's view of rows) through the C
+    stack, for as many rows as the step is given (rows 0..B-1 of the cache).
 
     kernel: the built library to use (default: this CPU's; tests pass `cpu_int4.load("exact")`)."""
 
@@ -63,16 +64,18 @@ class FusedDecoder:
             raise RuntimeError("modelcore/csrc/int4_cpu.c and cpu_decode.py disagree on the layer table")
         a = model.args
         att0 = model.model.layers[0].self_attn
+        k0 = cache[0].k
+        self.rows, self.max_len = k0.shape[0], cache[0].max_len
         self.dims = (a.dim, att0.n_heads, att0.n_kv_heads, att0.head_dim, model.model.layers[0].mlp.down_proj.in_features,
-                     att0.qkv_proj.group_size, cache[0].max_len)
+                     att0.qkv_proj.group_size)
         self.eps, self.window, self.scale = float(a.rms_norm_eps), int(a.sliding_window or 0), float(att0.scale)
         self.cos, self.sin = att0.rotary.table("cpu", torch.float32)  # (P, hd) float32
         keep = []  # float32 copies the table points into (kept alive with it)
-        rows = []
+        rows, caches = [], []
         for layer, lc in zip(model.model.layers, cache):
             att, mlp = layer.self_attn, layer.mlp
-            if lc.k.dtype != torch.float32 or lc.k.shape[0] != 1 or not (lc.k.is_contiguous() and lc.v.is_contiguous()):
-                raise ValueError("the fused decode step needs a contiguous float32 cache of batch 1")
+            if lc.k.dtype != torch.float32 or lc.k.shape != k0.shape or not (lc.k.is_contiguous() and lc.v.is_contiguous()):
+                raise ValueError("the fused decode step needs contiguous float32 caches of one shape")
             n1 = layer.input_layernorm.weight.detach().float().contiguous()
             n2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
             qb = att.qkv_proj.bias.float().contiguous() if att.qkv_proj.bias is not None else None
@@ -81,42 +84,55 @@ class FusedDecoder:
                          qb.data_ptr() if qb is not None else 0, att.o_proj.blocks.data_ptr(),
                          att.o_proj.block_scales.data_ptr(), n2.data_ptr(), mlp.gate_up_proj.blocks.data_ptr(),
                          mlp.gate_up_proj.block_scales.data_ptr(), mlp.down_proj.blocks.data_ptr(),
-                         mlp.down_proj.block_scales.data_ptr(), lc.k.data_ptr(), lc.v.data_ptr()])
+                         mlp.down_proj.block_scales.data_ptr()])
+            caches.append([lc.k.data_ptr(), lc.v.data_ptr()])
         self.table = torch.tensor(rows, dtype=torch.int64)
+        self.caches = torch.tensor(caches, dtype=torch.int64)
+        self.row_stride = k0[0].numel()
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
         self._keep, self._cache = keep, cache
         fn = lib.lib.mc_llama_decode
         fn.restype = ctypes.c_int
         i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        fn.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, f32, i64, f32, ptr, ptr, i64, ptr, ptr, ptr,
-                       ctypes.c_int]
+        fn.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64, f32, i64, f32, ptr, ptr, ptr,
+                       ptr, ptr, ptr, ctypes.c_int]
         self._fn = fn
 
-    def hidden(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """Final-norm hidden state (1, 1, D) float32 of `token` (one id) at position `pos`; writes the cache at `pos`."""
-        d, hq, hkv, hd, inter, group, max_len = self.dims
-        if not 0 <= pos < min(max_len, self.cos.shape[0]):
-            raise ValueError(f"position {pos} outside the cache ({max_len}) or the RoPE table ({self.cos.shape[0]})")
-        h = self.model.model.embed_tokens(token.view(1, 1)).float().contiguous().view(d)
-        out = torch.empty(d, dtype=torch.float32)
-        rc = self._fn(self.table.data_ptr(), self.table.shape[0], d, hq, hkv, hd, inter, group, max_len, self.eps,
-                      self.window, self.scale, self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), pos, h.data_ptr(),
-                      self.final_norm.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+        """Final-norm hidden states (B, 1, D) float32 of `tokens` (B,) at `positions` (B,) (cache rows 0..B-1);
+        writes each row's cache at its position."""
+        d, hq, hkv, hd, inter, group = self.dims
+        tokens = tokens.reshape(-1)
+        b = tokens.shape[0]
+        pos = torch.as_tensor(positions, dtype=torch.int64).reshape(-1).contiguous()
+        if pos.shape[0] != b or b > self.rows:
+            raise ValueError(f"{b} tokens, {pos.shape[0]} positions, {self.rows} cache rows")
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo < 0 or hi >= min(self.max_len, self.cos.shape[0]):
+            raise ValueError(f"positions {lo}..{hi} outside the cache ({self.max_len}) or the RoPE table ({self.cos.shape[0]})")
+        h = self.model.model.embed_tokens(tokens.view(b, 1)).float().contiguous().view(b, d)
+        out = torch.empty(b, d, dtype=torch.float32)
+        rc = self._fn(self.table.data_ptr(), self.caches.data_ptr(), self.table.shape[0], b, d, hq, hkv, hd, inter, group,
+                      self.max_len, self.row_stride, self.eps, self.window, self.scale, self.cos.data_ptr(),
+                      self.sin.data_ptr(), pos.data_ptr(), h.data_ptr(), self.final_norm.data_ptr(), out.data_ptr(),
+                      torch.get_num_threads())
         if rc:
             raise RuntimeError(f"fused decode step failed (code {rc})")
-        return out.view(1, 1, d)
+        return out.view(b, 1, d)
 
-    def logits(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits (1, V) of the next token."""
-        return self.model.lm_head(self.hidden(token, pos).to(self.model.dtype))[:, -1]
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+        """Logits (B, V) of each row's next token."""
+        return self.model.lm_head(self.hidden(tokens, positions).to(self.model.dtype))[:, -1]
 
 
 class _Slot:
-    """Where a model keeps its current FusedDecoder: copies and pickles of the model get an empty slot (the decoder
-    holds raw addresses of this model's tensors)."""
+    """Where a model keeps its FusedDecoders (one per cache it decodes over, the last few): copies and pickles of the
+    model get an empty slot (a decoder holds raw addresses of this model's tensors)."""
+
+    KEEP = 16  # an Engine decodes over one view of its cache per active-row count
 
     def __init__(self) -> None:
-        self.dec: FusedDecoder | None = None
+        self.decs: dict[int, FusedDecoder] = {}
 
     def __deepcopy__(self, memo: dict) -> "_Slot":
         return _Slot()
@@ -127,9 +143,12 @@ class _Slot:
 
 def fused_decoder(model, cache: list) -> FusedDecoder | None:
     """The FusedDecoder for this (model, cache), built once per cache; None when the model does not fit."""
-    if not cache or cache[0].k.shape[0] != 1 or not supported(model):
+    if not cache or not supported(model):
         return None
     slot = model.__dict__.setdefault("_fused_decoder", _Slot())
-    if slot.dec is None or slot.dec._cache is not cache:
-        slot.dec = FusedDecoder(model, cache)
-    return slot.dec
+    dec = slot.decs.get(id(cache))
+    if dec is None or dec._cache is not cache:
+        while len(slot.decs) >= slot.KEEP:
+            slot.decs.pop(next(iter(slot.decs)))
+        dec = slot.decs[id(cache)] = FusedDecoder(model, cache)
+    return dec

@@ -1,4 +1,4 @@
-"""Our own CPU int4 matmul (modelcore/csrc/int4_cpu.c): build, load, pack weights into its layout, call it.
+"""Our own CPU int4 and int8 matmuls (modelcore/csrc/int4_cpu.c): build, load, pack weights into the int4 layout, call them.
 
 The C file is compiled on first use with the machine's C compiler for the machine's own instruction set
 (`-march=native`: AVX512-VNNI, else AVX2, else plain C) into a per-user cache folder
@@ -54,7 +54,7 @@ def build(isa: str = "native") -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
     march = ["-march=native", "-DMC_EXACT"] if isa == EXACT else [f"-march={isa}"]
-    flags = ["-O3", *march, "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", *march, "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]  # no errno: expf vectorizes
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"int4_cpu-{isa}-{key}.so"
     if out.exists():
@@ -81,7 +81,26 @@ class Kernel:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
         self._fn = fn
+        fn8 = self.lib.mc_int8_matmul
+        fn8.restype = ctypes.c_int
+        fn8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                        ctypes.c_void_p, ctypes.c_int]
+        self._fn8 = fn8
         self.isa = self.lib.mc_int4_isa().decode()
+
+    def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """x (M, K) float32 contiguous CPU, weight (N, K) int8 row-major, scales (N,) float32 -> (M, N) float32."""
+        assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2, "x must be a contiguous (M, K) float32 tensor"
+        assert weight.dtype == torch.int8 and weight.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
+        m, k = x.shape
+        n = weight.shape[0]
+        if weight.shape[1] != k or scales.shape != (n,):
+            raise ValueError(f"int8 kernel: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scales {tuple(scales.shape)}")
+        y = torch.empty(m, n, dtype=torch.float32)
+        rc = self._fn8(x.data_ptr(), m, k, n, weight.data_ptr(), scales.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
+        if rc:
+            raise ValueError(f"int8 kernel refused shapes M={m} K={k} N={n} (code {rc})")
+        return y
 
     def matmul(self, x: torch.Tensor, blocks: torch.Tensor, block_scales: torch.Tensor, group: int,
                threads: int | None = None) -> torch.Tensor:

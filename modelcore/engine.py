@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from modelcore.errors import GenerationConfigError, PromptError
-from modelcore.generate import GraphDecoder, SamplingParams, apply_repetition_penalty, sample, use_compile, use_cuda_graphs
+from modelcore.generate import (GraphDecoder, SamplingParams, apply_repetition_penalty, decode_one_token, sample, use_compile,
+                               use_cuda_graphs)
 
 _END = object()
 
@@ -501,7 +502,7 @@ class Engine:
                     logits = self.model(tokens[:, None], positions=positions[:, None],
                                         cache=self._view(0, n)).logits[:, -1]
             else:
-                logits = self.model(tokens[:, None], positions=positions[:, None], cache=self._view(0, n)).logits[:, -1]
+                logits = decode_one_token(self.model, tokens, positions, self._view(0, n))
         except Exception as exc:  # a failing batched step fails its requests, not the Engine
             for st in self._rows:
                 st.req.fail(exc)

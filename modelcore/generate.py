@@ -88,13 +88,13 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache:
 def decode_one_token(model, tokens: torch.Tensor, positions: torch.Tensor, cache: list) -> torch.Tensor:
     """One decoding step for every row: tokens (B,) at positions (B,) -> logits (B, V).
 
-    One row on a CPU model that fits runs the whole layer stack as one C call (modelcore/cpu_decode.py)."""
-    if tokens.shape[0] == 1 and tokens.device.type == "cpu":
+    On a CPU model that fits, the whole layer stack runs as one C call (modelcore/cpu_decode.py)."""
+    if tokens.device.type == "cpu":
         from modelcore.cpu_decode import fused_decoder
 
         fused = fused_decoder(model, cache)
         if fused is not None:
-            return fused.logits(tokens, int(positions[0]))
+            return fused.logits(tokens, positions)
     out = model(tokens[:, None], positions=positions[:, None], cache=cache)
     return out.logits[:, -1]
 

@@ -206,13 +206,14 @@ def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int 
     unsafe = int8_in_features is not None and device.type == "cpu" and int8_in_features % 16 != 0
     if kernel == "packed" and unsafe:
         raise ValueError(f"the packed CPU int8 kernel needs in_features divisible by 16, got {int8_in_features}")
-    native_ok = int4_shape is not None and device.type == "cpu" and cpu_int4.supports(*int4_shape)
+    native_ok = device.type == "cpu" and (cpu_int4.supports(*int4_shape) if int4_shape is not None else
+                                          int8_in_features is not None and int8_in_features % cpu_int4.CHUNK == 0)
     if kernel == "native":
         if not native_ok:
-            raise ValueError(f"the native int4 kernel takes CPU int4 weights with out_features % 16 == 0 and "
-                             f"in_features % 32 == 0, got {device.type} {int4_shape}")
+            raise ValueError(f"the native int4/int8 kernel takes CPU weights with in_features % 32 == 0 (int4 also "
+                             f"out_features % 16 == 0), got {device.type} {int4_shape or int8_in_features}")
         if cpu_int4.library() is None:
-            raise RuntimeError("the native int4 kernel is not available here (see the log; MODELCORE_CPU_INT4)")
+            raise RuntimeError("the native CPU kernels are not available here (see the log; MODELCORE_CPU_INT4)")
         return kernel
     if kernel == "auto" and native_ok and cpu_int4.library() is not None:
         return "native"
@@ -231,7 +232,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.kernel = _resolve_kernel(kernel, q.device, int8_in_features=self.in_features)
         self.register_buffer("weight", q.contiguous())
-        dt = torch.bfloat16 if self.kernel == "packed" else torch.float32
+        dt = torch.bfloat16 if self.kernel == "packed" else torch.float32  # native: float32 (the same bf16-exact values)
         self.register_buffer("scales", scales.to(dt).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
@@ -243,7 +244,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kernel == "packed":
+        if self.kernel == "native":
+            xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+            y = cpu_int4.library().int8_matmul(xf, self.weight, self.scales)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+        elif self.kernel == "packed":
             y = torch.ops.aten._weight_int8pack_mm(_bf16_contiguous(x2), self.weight, self.scales)
             y = y if y.dtype == x.dtype else y.to(x.dtype)
         else:

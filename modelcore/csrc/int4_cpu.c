@@ -19,6 +19,9 @@
  * OpenMP for the threads (torch's own libgomp, already loaded by the time this library is).
  */
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +32,7 @@
 #define ROWS 16
 #define CHUNK 32
 #define CHUNK_BYTES 256
-#define MT 4 /* rows of x per pass over a block's weights */
+#define MT 8 /* rows of x per pass over a block's weights */
 
 const char *mc_int4_isa(void) {
 #if defined(MC_EXACT)
@@ -96,6 +99,11 @@ static inline __attribute__((always_inline)) void block_rows(const uint8_t *code
         for (int cc = 0; cc < cpg; ++cc) {
             const int64_t c = g * cpg + cc;
             const uint8_t *w = codes + c * CHUNK_BYTES;
+            /* the stream runs ahead of the hardware prefetcher when several rows of x make each chunk slow */
+            _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES + 192), _MM_HINT_T0);
             __m512i iacc[MT];
             for (int m = 0; m < mt; ++m) iacc[m] = _mm512_setzero_si512();
             for (int v = 0; v < 4; ++v) {
@@ -222,22 +230,62 @@ static inline __attribute__((always_inline)) void block_rows(const uint8_t *code
 }
 #endif
 
-/* y (M, N) float32 = x (M, K) float32 @ W^T. K % group == 0, group % 32 == 0, N % 16 == 0. Returns 0 or an error code. */
-int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *codes, const uint16_t *sz,
-                   int64_t group, float *y, int nthreads) {
-    if (M <= 0 || K <= 0 || N <= 0 || K % CHUNK || group % CHUNK || K % group || N % ROWS) return 1;
+static int int4_shape_ok(int64_t M, int64_t K, int64_t N, int64_t group) {
+    return M > 0 && K > 0 && N > 0 && K % CHUNK == 0 && group % CHUNK == 0 && K % group == 0 && N % ROWS == 0;
+}
+
+/* A barrier that spins (with pause, yielding after a while) instead of sleeping: libgomp's own barriers put their
+ * threads to sleep almost at once whenever it manages more threads than there are CPUs (any second thread that ever
+ * used OpenMP, e.g. a server's worker thread after the main thread loaded the model), and a futex wake-up per barrier
+ * made a 2-thread decode step three times slower than one thread. */
+typedef struct {
+    _Atomic int count;
+    _Atomic int gen;
+    int n;
+} spin_barrier;
+
+static void barrier_wait(spin_barrier *b) {
+    if (b->n <= 1) return;
+    const int g = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == b->n - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == g; ++spins) {
+#ifdef __x86_64__
+        _mm_pause();
+#endif
+        if (spins > 200000) sched_yield();
+    }
+}
+
+/* [lo, hi) of n items for thread t of nt (static, contiguous). */
+static inline void split_range(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
+    const int64_t q = n / nt, r = n % nt;
+    *lo = t * q + (t < r ? t : r);
+    *hi = *lo + q + (t < r ? 1 : 0);
+}
+
+/* The int4 matmul as work for thread t of a team of nt (a barrier after quantizing x and at the end).
+ * xq: M * K bytes, dbuf: 3 * M * K / 32 floats of scratch. */
+static void int4_team(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *codes, const uint16_t *sz,
+                      int64_t group, float *y, int8_t *xq, float *dbuf, int t, int nt, spin_barrier *bar) {
     const int64_t C = K / CHUNK, G = K / group, nb = N / ROWS;
     const int cpg = (int)(group / CHUNK);
+    float *d = dbuf, *xs = dbuf + M * C, *qs = dbuf + 2 * M * C;
+    int64_t lo, hi;
 #ifdef MC_EXACT
     /* test build: float activations, weights dequantized one by one ((code - 8) * s + zero), no int8 rounding */
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) {
+    split_range(N, t, nt, &lo, &hi);
+    for (int64_t n = lo; n < hi; ++n)
+        for (int64_t m = 0; m < M; ++m) {
             const int64_t b = n / ROWS, r = n % ROWS;
             double acc = 0.0;
             for (int64_t k = 0; k < K; ++k) {
-                const int64_t c = k / CHUNK, col = k % CHUNK, v = col / 8, hi = (col % 8) / 4, j = col % 4;
+                const int64_t c = k / CHUNK, col = k % CHUNK, v = col / 8, hi4 = (col % 8) / 4, j = col % 4;
                 const uint8_t byte = codes[b * C * CHUNK_BYTES + c * CHUNK_BYTES + 64 * v + 4 * r + j];
-                const int code = hi ? byte >> 4 : byte & 15;
+                const int code = hi4 ? byte >> 4 : byte & 15;
                 const int64_t g = k / group;
                 const float sc = bf16_to_f32(sz[b * G * 2 * ROWS + g * 2 * ROWS + r]);
                 const float z = bf16_to_f32(sz[b * G * 2 * ROWS + g * 2 * ROWS + ROWS + r]);
@@ -245,28 +293,26 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
             }
             y[m * N + n] = (float)acc;
         }
-    (void)nb; (void)cpg; (void)nthreads;
-    return 0;
+    (void)nb; (void)cpg; (void)d; (void)xs; (void)qs; (void)xq;
+    barrier_wait(bar);
+    return;
 #endif
-    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
-    float *d = (float *)malloc(sizeof(float) * (size_t)(M * C) * 3);
-    if (!xq || !d) { free(xq); free(d); return 2; }
-    float *xs = d + M * C, *qs = d + 2 * M * C;
-    if (M >= 64 && nthreads > 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t m = 0; m < M; ++m) quantize_act(x + m * K, 1, K, xq + m * K, d + m * C, xs + m * C, qs + m * C);
-    } else {
-        quantize_act(x, M, K, xq, d, xs, qs);
-    }
+    split_range(M, t, nt, &lo, &hi);
+    if (hi > lo) quantize_act(x + lo * K, hi - lo, K, xq + lo * K, d + lo * C, xs + lo * C, qs + lo * C);
+    barrier_wait(bar);
     const int64_t block_codes = C * CHUNK_BYTES, block_sz = G * 2 * ROWS;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-    for (int64_t b = 0; b < nb; ++b) {
+    split_range(nb, t, nt, &lo, &hi);
+    for (int64_t b = lo; b < hi; ++b) {
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mt = (int)(M - m0 < MT ? M - m0 : MT);
             const uint8_t *bc = codes + b * block_codes;
             const uint16_t *bs = sz + b * block_sz;
             /* a constant row count per call, so the accumulators stay in registers */
             switch (mt) {
+            case 8: block_rows(bc, bs, xq + m0 * K, d + m0 * C, xs + m0 * C, qs + m0 * C, K, G, cpg, 8, y + m0 * N + b * ROWS, N); break;
+            case 7: block_rows(bc, bs, xq + m0 * K, d + m0 * C, xs + m0 * C, qs + m0 * C, K, G, cpg, 7, y + m0 * N + b * ROWS, N); break;
+            case 6: block_rows(bc, bs, xq + m0 * K, d + m0 * C, xs + m0 * C, qs + m0 * C, K, G, cpg, 6, y + m0 * N + b * ROWS, N); break;
+            case 5: block_rows(bc, bs, xq + m0 * K, d + m0 * C, xs + m0 * C, qs + m0 * C, K, G, cpg, 5, y + m0 * N + b * ROWS, N); break;
             case 4: block_rows(bc, bs, xq + m0 * K, d + m0 * C, xs + m0 * C, qs + m0 * C, K, G, cpg, 4, y + m0 * N + b * ROWS, N); break;
             case 3: block_rows(bc, bs, xq + m0 * K, d + m0 * C, xs + m0 * C, qs + m0 * C, K, G, cpg, 3, y + m0 * N + b * ROWS, N); break;
             case 2: block_rows(bc, bs, xq + m0 * K, d + m0 * C, xs + m0 * C, qs + m0 * C, K, G, cpg, 2, y + m0 * N + b * ROWS, N); break;
@@ -274,21 +320,138 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
             }
         }
     }
+    barrier_wait(bar);
+}
+
+/* y (M, N) float32 = x (M, K) float32 @ W^T. K % group == 0, group % 32 == 0, N % 16 == 0. Returns 0 or an error code. */
+int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *codes, const uint16_t *sz,
+                   int64_t group, float *y, int nthreads) {
+    if (!int4_shape_ok(M, K, N, group)) return 1;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+    float *d = (float *)malloc(sizeof(float) * (size_t)(M * (K / CHUNK)) * 3);
+    if (!xq || !d) { free(xq); free(d); return 2; }
+    spin_barrier bar = {0, 0, 1};
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp single
+        bar.n = omp_get_num_threads();
+        int4_team(x, M, K, N, codes, sz, group, y, xq, d, omp_get_thread_num(), bar.n, &bar);
+    }
     free(xq);
     free(d);
     return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * One decode step of a Llama/Qwen2-family stack for one sequence, all layers in one call: the Python side spends
- * a few microseconds per torch op, and a layer is some twenty of them, more than its four matmuls cost here.
- * Per layer (float32 throughout; the naive twin is the torch path of modelcore/model.py):
- *   x = rmsnorm(h) * w_attn_norm; qkv = x @ Wqkv^T (+ bias); RoPE (rotate-half) on q and k with cos/sin of `pos`;
- *   k, v written to the cache at `pos`; per head softmax(q k^T * scale) v over keys [start, pos];
- *   h += attn @ Wo^T; x = rmsnorm(h) * w_ffn_norm; g, u = x @ Wgu^T; h += (silu(g) * u) @ Wdown^T.
- * Then out = rmsnorm(h) * w_final_norm. Layer pointers come as int64 addresses, DECODE_FIELDS per layer.
+ * int8 weights, one scale per output row (Int8Linear's plain (N, K) layout, so a tied embedding reads the same rows):
+ *     y[m, n] = s[n] * sum_c d[m, c] * sum_{k in c} q[n, k] * xq[m, k]
+ * with the activations int8 per chunk of 32 columns as above (llama.cpp's Q8_0 x Q8_0 dot product). AVX512-VNNI:
+ * 64 weights of one row per vpdpbusd against 64 activations (two chunks), weights made unsigned by q ^ 0x80 = q + 128
+ * and the 128 * sum(xq) that adds taken off once per row of x; AVX2: vpmaddubsw on |q| and sign(q) * xq.
  * --------------------------------------------------------------------------------------------------------------- */
-enum { F_NORM1, F_QKV, F_QKV_S, F_QKV_B, F_O, F_O_S, F_NORM2, F_GU, F_GU_S, F_DOWN, F_DOWN_S, F_KC, F_VC, DECODE_FIELDS };
+static void int8_rows(const int8_t *w, const float *scales, int64_t n0, int64_t n1, const int8_t *xq, const float *d,
+                      const float *dvec, const float *corr, int64_t M, int64_t K, float *y, int64_t N) {
+    const int64_t C = K / CHUNK;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t *wr = w + n * K;
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t *xr = xq + m * K;
+            const float *dr = d + m * C;
+            __m512 acc = _mm512_setzero_ps();
+            int64_t k = 0;
+            const float *dvr = dvec + m * (K / 64) * 16;  /* per 64 columns: 8 lanes of each chunk's scale */
+            for (; k + 64 <= K; k += 64) {
+                const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + k)), flip);
+                const __m512i xv = _mm512_loadu_si512((const void *)(xr + k));
+                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_loadu_ps(dvr + (k / 64) * 16), acc);
+            }
+            if (k < K) { /* a last chunk of 32 */
+                const __mmask64 half = 0xFFFFFFFFull;
+                const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(half, wr + k), flip);
+                const __m512i xv = _mm512_maskz_loadu_epi8(half, xr + k);
+                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_mov_epi8(half, wu), xv);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_set1_ps(dr[k / CHUNK]), acc);
+            }
+            y[m * N + n] = scales[n] * (_mm512_reduce_add_ps(acc) - corr[m]);
+        }
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t *wr = w + n * K;
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t *xr = xq + m * K;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t c = 0; c < C; ++c) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + c * CHUNK));
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + c * CHUNK));
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[m * C + c]), acc);
+            }
+            __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            y[m * N + n] = scales[n] * (_mm_cvtss_f32(r) - corr[m]);
+        }
+    }
+#else
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+            float acc = 0.f;
+            for (int64_t c = 0; c < C; ++c) {
+                int32_t is = 0;
+                for (int j = 0; j < CHUNK; ++j) is += (int32_t)w[n * K + c * CHUNK + j] * xq[m * K + c * CHUNK + j];
+                acc += (float)is * d[m * C + c];
+            }
+            y[m * N + n] = scales[n] * (acc - corr[m]);
+        }
+#endif
+}
+
+/* y (M, N) float32 = x (M, K) float32 @ (q * s[:, None])^T for int8 q (N, K) row-major, s (N,) float32. K % 32 == 0. */
+int mc_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t *w, const float *scales, float *y,
+                   int nthreads) {
+    if (M <= 0 || K <= 0 || N <= 0 || K % CHUNK) return 1;
+    const int64_t C = K / CHUNK;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+    float *d = (float *)malloc(sizeof(float) * (size_t)(M * C * 3 + M + M * (K / 64) * 16));
+    if (!xq || !d) { free(xq); free(d); return 2; }
+    float *xs = d + M * C, *qs = d + 2 * M * C, *corr = d + 3 * M * C, *dvec = corr + M;
+    quantize_act(x, M, K, xq, d, xs, qs);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t v = 0; v < K / 64; ++v)
+            for (int j = 0; j < 16; ++j) dvec[(m * (K / 64) + v) * 16 + j] = d[m * C + 2 * v + j / 8];
+    for (int64_t m = 0; m < M; ++m) {
+        float c = 0.f;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        for (int64_t j = 0; j < C; ++j) c += 16.f * qs[m * C + j];  /* qs = 8 * d * sum(xq); the flip adds 128 * d * sum(xq) */
+#endif
+        corr[m] = c;
+    }
+    const int64_t step = 64;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t n0 = 0; n0 < N; n0 += step) int8_rows(w, scales, n0, n0 + step < N ? n0 + step : N, xq, d, dvec, corr, M, K, y, N);
+    free(xq);
+    free(d);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * One decode step of a Llama/Qwen2-family stack for B sequences (one new token each, each at its own position), all
+ * layers in one call: the Python side spends a few microseconds per torch op, and a layer is some twenty of them,
+ * more than its four matmuls cost here. Per layer (float32 throughout; the naive twin is the torch path of
+ * modelcore/model.py):
+ *   x = rmsnorm(h) * w_attn_norm; qkv = x @ Wqkv^T (+ bias); RoPE (rotate-half) on q and k with cos/sin of the row's
+ *   position; k, v written to the row's cache at that position; per head softmax(q k^T * scale) v over the row's
+ *   keys [start, pos]; h += attn @ Wo^T; x = rmsnorm(h) * w_ffn_norm; g, u = x @ Wgu^T; h += (silu(g) * u) @ Wdown^T.
+ * Then out = rmsnorm(h) * w_final_norm. The B rows share each matmul (one pass over the weights).
+ * Weights come as int64 addresses, DECODE_FIELDS per layer; caches as (k, v) addresses per layer, each
+ * (rows, Hkv, max_len, hd) float32 with `row_stride` elements between rows.
+ * --------------------------------------------------------------------------------------------------------------- */
+enum { F_NORM1, F_QKV, F_QKV_S, F_QKV_B, F_O, F_O_S, F_NORM2, F_GU, F_GU_S, F_DOWN, F_DOWN_S, DECODE_FIELDS };
 
 int mc_decode_fields(void) { return DECODE_FIELDS; }
 
@@ -310,68 +473,192 @@ static void rope_rotate_half(float *x, const float *cos, const float *sin, int64
     }
 }
 
-int mc_llama_decode(const int64_t *table, int n_layers, int64_t D, int64_t H, int64_t Hkv, int64_t hd, int64_t I,
-                    int64_t group, int64_t max_len, float eps, int64_t window, float scale, const float *cos,
-                    const float *sin, int64_t pos, float *h, const float *final_norm, float *out, int nthreads) {
-    if (pos < 0 || pos >= max_len || H % Hkv || hd % 2) return 1;
-    const int64_t nq = H * hd, nkv = Hkv * hd, rep = H / Hkv, S = pos + 1;
-    const int64_t start = window > 0 && S > window ? S - window : 0;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(D + nq + 2 * nkv + nq + 2 * I + I + H * S));
-    if (!buf) return 2;
-    float *x = buf, *qkv = x + D, *att = qkv + nq + 2 * nkv, *gu = att + nq, *act = gu + 2 * I, *scores = act + I;
-    int rc = 0;
-    for (int l = 0; l < n_layers && !rc; ++l) {
-        const int64_t *t = table + (int64_t)l * DECODE_FIELDS;
-        rmsnorm(h, (const float *)t[F_NORM1], D, eps, x);
-        rc |= mc_int4_matmul(x, 1, D, nq + 2 * nkv, (const uint8_t *)t[F_QKV], (const uint16_t *)t[F_QKV_S], group, qkv, nthreads);
-        if (t[F_QKV_B]) {
-            const float *bias = (const float *)t[F_QKV_B];
-            for (int64_t i = 0; i < nq + 2 * nkv; ++i) qkv[i] += bias[i];
+/* exp(x) for x <= 88 in plain arithmetic the compiler vectorizes (glibc's expf stays scalar): Cody-Waite reduction by
+ * ln 2 and Cephes' degree-6 polynomial, relative error ~1e-7; inputs below -87 give ~1e-38 instead of 0. */
+static inline float vexpf(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + f + 1.f;
+    union { uint32_t u; float f; } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+/* Attention of the `rep` query heads that share one key/value head, over keys [start, S): each key row is read once
+ * for all of them. q: rep * hd, o: rep * hd, sc: rep * S floats of scratch. */
+#if defined(__AVX512F__)
+#define ATT_MAXV 16 /* query heads x head_dim / 16 held in registers */
+/* rep * hd <= 16 * ATT_MAXV, hd % 16 == 0: queries and outputs stay in registers while keys/values stream by. */
+static void attend_group_avx512(const float *q, const float *kb, const float *vb, int64_t rep, int64_t start, int64_t S,
+                                int64_t hd, float scale, float *sc, float *o) {
+    const int64_t nv = hd / 16;
+    __m512 qv[ATT_MAXV], ov[ATT_MAXV];
+    for (int64_t j = 0; j < rep * nv; ++j) { qv[j] = _mm512_loadu_ps(q + 16 * j); ov[j] = _mm512_setzero_ps(); }
+    for (int64_t s = start; s < S; ++s) {
+        const float *ks = kb + s * hd;
+        for (int64_t r = 0; r < rep; ++r) {
+            __m512 acc = _mm512_mul_ps(qv[r * nv], _mm512_loadu_ps(ks));
+            for (int64_t j = 1; j < nv; ++j) acc = _mm512_fmadd_ps(qv[r * nv + j], _mm512_loadu_ps(ks + 16 * j), acc);
+            sc[r * S + s] = _mm512_reduce_add_ps(acc) * scale;
         }
-        float *q = qkv, *k = qkv + nq, *v = k + nkv;
-        for (int64_t hh = 0; hh < H; ++hh) rope_rotate_half(q + hh * hd, cos, sin, hd);
-        float *kc = (float *)t[F_KC], *vc = (float *)t[F_VC];
-        for (int64_t g = 0; g < Hkv; ++g) {
-            rope_rotate_half(k + g * hd, cos, sin, hd);
-            memcpy(kc + (g * max_len + pos) * hd, k + g * hd, sizeof(float) * (size_t)hd);
-            memcpy(vc + (g * max_len + pos) * hd, v + g * hd, sizeof(float) * (size_t)hd);
-        }
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && H * (S - start) * hd >= 65536)
-        for (int64_t hh = 0; hh < H; ++hh) {
-            const float *qh = q + hh * hd;
-            const float *kb = kc + (hh / rep) * max_len * hd, *vb = vc + (hh / rep) * max_len * hd;
-            float *sc = scores + hh * S, mx = -INFINITY;
-            for (int64_t s = start; s < S; ++s) {
-                const float *ks = kb + s * hd;
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < hd; ++i) dot += qh[i] * ks[i];
-                sc[s] = dot * scale;
-                mx = sc[s] > mx ? sc[s] : mx;
-            }
-            float sum = 0.f;
-            for (int64_t s = start; s < S; ++s) { sc[s] = expf(sc[s] - mx); sum += sc[s]; }
-            float *o = att + hh * hd;
-            for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
-            for (int64_t s = start; s < S; ++s) {
-                const float p = sc[s] / sum;
-                const float *vs = vb + s * hd;
-#pragma omp simd
-                for (int64_t i = 0; i < hd; ++i) o[i] += p * vs[i];
-            }
-        }
-        rc |= mc_int4_matmul(att, 1, nq, D, (const uint8_t *)t[F_O], (const uint16_t *)t[F_O_S], group, x, nthreads);
-        for (int64_t i = 0; i < D; ++i) h[i] += x[i];
-        rmsnorm(h, (const float *)t[F_NORM2], D, eps, x);
-        rc |= mc_int4_matmul(x, 1, D, 2 * I, (const uint8_t *)t[F_GU], (const uint16_t *)t[F_GU_S], group, gu, nthreads);
-        for (int64_t i = 0; i < I; ++i) {
-            const float g = gu[i];
-            act[i] = g / (1.f + expf(-g)) * gu[I + i];
-        }
-        rc |= mc_int4_matmul(act, 1, I, D, (const uint8_t *)t[F_DOWN], (const uint16_t *)t[F_DOWN_S], group, x, nthreads);
-        for (int64_t i = 0; i < D; ++i) h[i] += x[i];
     }
-    if (!rc && final_norm) rmsnorm(h, final_norm, D, eps, out);
+    for (int64_t r = 0; r < rep; ++r) {
+        float *sr = sc + r * S, mx = -INFINITY, sum = 0.f;
+        for (int64_t s = start; s < S; ++s) mx = sr[s] > mx ? sr[s] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = start; s < S; ++s) {
+            sr[s] = vexpf(sr[s] - mx);
+            sum += sr[s];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t s = start; s < S; ++s) sr[s] *= inv;
+    }
+    for (int64_t s = start; s < S; ++s) {
+        const float *vs = vb + s * hd;
+        for (int64_t j = 0; j < nv; ++j) {
+            const __m512 v = _mm512_loadu_ps(vs + 16 * j);
+            for (int64_t r = 0; r < rep; ++r) ov[r * nv + j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * S + s]), v, ov[r * nv + j]);
+        }
+    }
+    for (int64_t j = 0; j < rep * nv; ++j) _mm512_storeu_ps(o + 16 * j, ov[j]);
+}
+#endif
+
+static void attend_group(const float *q, const float *kb, const float *vb, int64_t rep, int64_t start, int64_t S,
+                         int64_t hd, float scale, float *sc, float *o) {
+#if defined(__AVX512F__)
+    if (hd % 16 == 0 && rep * (hd / 16) <= ATT_MAXV) {
+        attend_group_avx512(q, kb, vb, rep, start, S, hd, scale, sc, o);
+        return;
+    }
+#endif
+    for (int64_t s = start; s < S; ++s) {
+        const float *ks = kb + s * hd;
+        for (int64_t r = 0; r < rep; ++r) {
+            const float *qr = q + r * hd;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < hd; ++i) dot += qr[i] * ks[i];
+            sc[r * S + s] = dot * scale;
+        }
+    }
+    for (int64_t r = 0; r < rep; ++r) {
+        float *sr = sc + r * S, mx = -INFINITY, sum = 0.f;
+        for (int64_t s = start; s < S; ++s) mx = sr[s] > mx ? sr[s] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = start; s < S; ++s) {
+            sr[s] = vexpf(sr[s] - mx);
+            sum += sr[s];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t s = start; s < S; ++s) sr[s] *= inv;
+    }
+    for (int64_t i = 0; i < rep * hd; ++i) o[i] = 0.f;
+    for (int64_t s = start; s < S; ++s) {
+        const float *vs = vb + s * hd;
+        for (int64_t r = 0; r < rep; ++r) {
+            const float p = sc[r * S + s];
+            float *orow = o + r * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) orow[i] += p * vs[i];
+        }
+    }
+}
+
+int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, int64_t B, int64_t D, int64_t H,
+                    int64_t Hkv, int64_t hd, int64_t I, int64_t group, int64_t max_len, int64_t row_stride, float eps,
+                    int64_t window, float scale, const float *cos_tab, const float *sin_tab, const int64_t *positions,
+                    float *h, const float *final_norm, float *out, int nthreads) {
+    if (B < 1 || H % Hkv || hd % 2) return 1;
+    int64_t smax = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        if (positions[b] < 0 || positions[b] >= max_len) return 1;
+        smax = positions[b] + 1 > smax ? positions[b] + 1 : smax;
+    }
+    const int64_t nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv, rep = H / Hkv;
+    if (!int4_shape_ok(B, D, nqkv, group) || !int4_shape_ok(B, nq, D, group) || !int4_shape_ok(B, D, 2 * I, group) ||
+        !int4_shape_ok(B, I, D, group))
+        return 1;
+    const int64_t kmax = D > I ? (D > nq ? D : nq) : (I > nq ? I : nq);
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(B * (D + nqkv + nq + 3 * I) + B * H * smax + 3 * B * kmax / CHUNK));
+    int8_t *xq = (int8_t *)malloc((size_t)(B * kmax));
+    if (!buf || !xq) { free(buf); free(xq); return 2; }
+    float *x = buf, *qkv = x + B * D, *att = qkv + B * nqkv, *gu = att + B * nq, *act = gu + B * 2 * I, *scores = act + B * I;
+    float *dq = scores + B * H * smax;
+    /* one team for the whole step, synchronised by spin barriers (see barrier_wait): thread 0 runs the serial
+     * pieces, the matmuls and the attention are shared; the threads never go back to sleep between layers */
+    spin_barrier bar = {0, 0, 1};
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp single
+        bar.n = omp_get_num_threads();
+        const int t = omp_get_thread_num(), nt = bar.n;
+        int64_t lo, hi;
+        for (int l = 0; l < n_layers; ++l) {
+            const int64_t *tb = table + (int64_t)l * DECODE_FIELDS;
+            float *kc = (float *)caches[2 * l], *vc = (float *)caches[2 * l + 1];
+            if (t == 0)
+                for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * D, (const float *)tb[F_NORM1], D, eps, x + b * D);
+            barrier_wait(&bar);
+            int4_team(x, B, D, nqkv, (const uint8_t *)tb[F_QKV], (const uint16_t *)tb[F_QKV_S], group, qkv, xq, dq, t, nt, &bar);
+            split_range(B, t, nt, &lo, &hi);
+            for (int64_t b = lo; b < hi; ++b) {
+                float *r = qkv + b * nqkv;
+                const int64_t pos = positions[b];
+                if (tb[F_QKV_B]) {
+                    const float *bias = (const float *)tb[F_QKV_B];
+                    for (int64_t i = 0; i < nqkv; ++i) r[i] += bias[i];
+                }
+                const float *cs = cos_tab + pos * hd, *sn = sin_tab + pos * hd;
+                for (int64_t hh = 0; hh < H + Hkv; ++hh) rope_rotate_half(r + hh * hd, cs, sn, hd);  /* q heads, then k heads */
+                for (int64_t g = 0; g < Hkv; ++g) {
+                    memcpy(kc + b * row_stride + (g * max_len + pos) * hd, r + nq + g * hd, sizeof(float) * (size_t)hd);
+                    memcpy(vc + b * row_stride + (g * max_len + pos) * hd, r + nq + nkv + g * hd, sizeof(float) * (size_t)hd);
+                }
+            }
+            barrier_wait(&bar);
+            split_range(B * Hkv, t, nt, &lo, &hi);
+            for (int64_t bg = lo; bg < hi; ++bg) {  /* one (row, key/value head) pair: its rep query heads */
+                const int64_t b = bg / Hkv, g = bg % Hkv, S = positions[b] + 1;
+                const int64_t start = window > 0 && S > window ? S - window : 0;
+                const int64_t off = b * row_stride + g * max_len * hd;
+                attend_group(qkv + b * nqkv + g * rep * hd, kc + off, vc + off, rep, start, S, hd, scale,
+                             scores + bg * rep * smax, att + b * nq + g * rep * hd);
+            }
+            barrier_wait(&bar);
+            int4_team(att, B, nq, D, (const uint8_t *)tb[F_O], (const uint16_t *)tb[F_O_S], group, x, xq, dq, t, nt, &bar);
+            split_range(B, t, nt, &lo, &hi);
+            for (int64_t b = lo; b < hi; ++b) {
+                for (int64_t i = 0; i < D; ++i) h[b * D + i] += x[b * D + i];
+                rmsnorm(h + b * D, (const float *)tb[F_NORM2], D, eps, x + b * D);
+            }
+            barrier_wait(&bar);
+            int4_team(x, B, D, 2 * I, (const uint8_t *)tb[F_GU], (const uint16_t *)tb[F_GU_S], group, gu, xq, dq, t, nt, &bar);
+            split_range(B * I, t, nt, &lo, &hi);
+#pragma omp simd
+            for (int64_t e = lo; e < hi; ++e) {
+                const int64_t b = e / I, i = e % I;
+                const float g = gu[b * 2 * I + i];
+                act[e] = g / (1.f + vexpf(-g)) * gu[b * 2 * I + I + i];
+            }
+            barrier_wait(&bar);
+            int4_team(act, B, I, D, (const uint8_t *)tb[F_DOWN], (const uint16_t *)tb[F_DOWN_S], group, x, xq, dq, t, nt, &bar);
+            split_range(B * D, t, nt, &lo, &hi);
+            for (int64_t e = lo; e < hi; ++e) h[e] += x[e];
+            barrier_wait(&bar);
+        }
+    }
+    if (final_norm)
+        for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * D, final_norm, D, eps, out + b * D);
     free(buf);
-    return rc;
+    free(xq);
+    return 0;
 }

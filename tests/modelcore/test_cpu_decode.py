@@ -62,10 +62,10 @@ def test_fused_steps_match_torch_stack(variant: dict) -> None:
         exact = FusedDecoder(model, caches[0], kernel=cpu_int4.load(cpu_int4.EXACT))
         product = FusedDecoder(model, caches[2])
         for p in range(9, 29):
-            a = exact.hidden(ids[:, p], p)  # final-norm hidden state: the output head is the same module in both
+            a = exact.hidden(ids[:, p], [p])  # final-norm hidden state: the output head is the same module in both
             b = twin.forward_hidden(ids[:, p:p + 1], positions=torch.tensor([[p]]), cache=caches[1])
             torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
-            c = product.logits(ids[:, p], p)
+            c = product.logits(ids[:, p], [p])
             ref = twin.lm_head(b)[:, -1]
             assert float((c - ref).norm() / ref.norm()) < 0.02
     for la, lb in zip(caches[0], caches[1]):
@@ -80,16 +80,16 @@ def test_generate_takes_the_fused_step() -> None:
     ids = torch.randint(0, 512, (1, 7))
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=24)
-        assert model.__dict__["_fused_decoder"].dec is not None
+        assert model.__dict__["_fused_decoder"].decs
         cache = model.new_cache(1, 31)
         logits = model.lm_head(model.forward_hidden(ids, cache=cache)[:, -1])
         dec = FusedDecoder(model, cache)
         toks = []
         for p in range(7, 31):
             toks.append(int(logits.argmax(-1)))
-            logits = dec.logits(torch.tensor([toks[-1]]), p)
+            logits = dec.logits(torch.tensor([toks[-1]]), [p])
         twin = copy.deepcopy(model)
-        assert twin.__dict__["_fused_decoder"].dec is None
+        assert not twin.__dict__["_fused_decoder"].decs
         assert torch.equal(twin.generate(ids, max_new_tokens=24), out)
     assert out[0, 7:].tolist() == toks
 
@@ -105,10 +105,37 @@ def test_unsupported_models_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MODELCORE_FUSED_DECODE", "0")
     assert not supported(model)
     monkeypatch.delenv("MODELCORE_FUSED_DECODE")
-    assert fused_decoder(model, model.new_cache(2, 16)) is None  # two rows: the torch path
     dec = fused_decoder(model, model.new_cache(1, 16))
     with pytest.raises(ValueError, match="outside the cache"):
-        dec.hidden(torch.tensor([1]), 16)
+        dec.hidden(torch.tensor([1]), [16])
+    with pytest.raises(ValueError, match="cache rows"):
+        dec.hidden(torch.tensor([1, 2]), [0, 0])
+
+
+def test_fused_rows_at_different_positions_match_torch() -> None:
+    """Three rows at different positions (ragged prompts, as in the Engine's batches and padded generate): the
+    exact C build against the torch stack on the fallback twin, per row, over 6 steps."""
+    model = _tiny(attention_bias=True, sliding_window=6)
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int4Linear):
+                setattr(parent, name, Int4Linear(child.int4_weights(), child.bias, kernel="fallback"))
+    lens = [5, 11, 8]
+    ids = torch.randint(0, 512, (3, 20))
+    ca, cb = model.new_cache(3, 32), model.new_cache(3, 32)
     with torch.inference_mode():
-        logits = decode_one_token(model, torch.tensor([3, 4]), torch.tensor([0, 0]), model.new_cache(2, 16))
-    assert logits.shape == (2, 512)
+        for c in (ca, cb):
+            for r, n in enumerate(lens):  # prefill each row on its own into its row of the cache
+                row = [type(lc)(1, 32, lc.k.shape[1], lc.k.shape[3], "cpu", torch.float32) for lc in c]
+                twin.forward_hidden(ids[r:r + 1, :n], cache=row)
+                for lc, lr in zip(c, row):
+                    lc.k[r], lc.v[r] = lr.k[0], lr.v[0]
+        dec = FusedDecoder(model, ca, kernel=cpu_int4.load(cpu_int4.EXACT))
+        pos = torch.tensor(lens)
+        for _ in range(6):
+            toks = ids[torch.arange(3), pos]
+            a = dec.hidden(toks, pos)
+            b = twin.forward_hidden(toks[:, None], positions=pos[:, None], cache=cb)
+            torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
+            pos = pos + 1

@@ -98,7 +98,7 @@ def test_native_linear_vs_fallback_twin(group: int) -> None:
 def test_native_refuses_shapes_it_cannot_take() -> None:
     qw = quantize_int4(torch.randn(40, 64), group_size=32)  # 40 rows: not a multiple of 16
     assert Int4Linear(qw, None).kernel != "native"
-    with pytest.raises(ValueError, match="native int4 kernel"):
+    with pytest.raises(ValueError, match="native int4/int8 kernel"):
         Int4Linear(qw, None, kernel="native")
     if cpu_int4.library() is not None:
         qw = quantize_int4(torch.randn(32, 64), group_size=32)
@@ -143,3 +143,42 @@ def test_quantize_model_uses_native_and_tracks_fallback() -> None:
         a, b = native(ids), fallback(ids)
     a, b = getattr(a, "logits", a), getattr(b, "logits", b)
     assert float((a - b).norm() / b.norm()) < 0.02
+
+
+@pytest.mark.parametrize("isa", cpu_int4.ISAS)
+def test_int8_kernel_matches_its_float64_twin(isa: str) -> None:
+    """The int8 (per-row scale) kernel: int8 activations per 32 columns times the int8 codes, in float64, for K with
+    and without a last half vector of 32 (96 = 64 + 32), and an all-zero chunk."""
+    kern = _kernel(isa)
+    torch.manual_seed(6)
+    from modelcore.quant import quantize_int8
+
+    for k in (96, 128):
+        q, s = quantize_int8(torch.randn(40, k) * torch.rand(40, 1))
+        x = torch.randn(5, k) * 2
+        x[1, 32:64] = 0.0
+        y = kern.int8_matmul(x, q, s)
+        xc = x.double().view(5, k // 32, 32)
+        d = (xc.abs().amax(-1) / 127.0).float().double()
+        inv = torch.where(d > 0, 1.0 / d.float().double(), torch.zeros_like(d))
+        xq = torch.round((x.float() * inv.float().repeat_interleave(32, 1)).double()).clamp(-127, 127)
+        ref = (xq * d.repeat_interleave(32, 1)) @ (q.double() * s.double()[:, None]).T
+        torch.testing.assert_close(y.double(), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-5)
+    with pytest.raises(ValueError, match="int8 kernel"):
+        kern.int8_matmul(torch.randn(1, 96), q, s)
+
+
+def test_native_int8_linear_vs_fallback_and_tied_embedding() -> None:
+    """Int8Linear(kernel="native") vs its dequantize-then-F.linear twin (< 1%); a tied int8 model shares one tensor."""
+    if cpu_int4.library() is None:
+        pytest.skip("the native kernel does not build here")
+    from modelcore.quant import Int8Linear
+
+    torch.manual_seed(7)
+    lin = nn.Linear(256, 96, bias=True)
+    native, fallback = Int8Linear.from_linear(lin, kernel="native"), Int8Linear.from_linear(lin, kernel="fallback")
+    assert Int8Linear.from_linear(lin).kernel == "native"
+    x = torch.randn(3, 5, 256)
+    a, b = native(x), fallback(x)
+    assert a.shape == (3, 5, 96) and float((a - b).norm() / b.norm()) < 0.01
+    assert native(x.bfloat16()).dtype == torch.bfloat16
