@@ -30,6 +30,7 @@ def _native(mod) -> bool:
 def supported(model) -> bool:
     """Whether `model`'s layers can run as one fused C step (see the module docstring)."""
     from modelcore.model import MLP, Attention
+    from modelcore.quant import Int4Linear
 
     if os.environ.get("MODELCORE_FUSED_DECODE", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
@@ -42,7 +43,7 @@ def supported(model) -> bool:
         if type(att) is not Attention or type(mlp) is not MLP or att.naive:
             return False
         mods = [getattr(att, "qkv_proj", None), att.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
-        if not all(_native(m) for m in mods) or any(m.bias is not None for m in mods[1:]):
+        if not all(isinstance(m, Int4Linear) and _native(m) for m in mods) or any(m.bias is not None for m in mods[1:]):
             return False
         groups |= {m.group_size for m in mods}
         if att.rotary.table("cpu", torch.float32) is None:
@@ -121,8 +122,11 @@ class FusedDecoder:
         return out.view(b, 1, d)
 
     def logits(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-        """Logits (B, V) of each row's next token."""
-        return self.model.lm_head(self.hidden(tokens, positions).to(self.model.dtype))[:, -1]
+        """Logits (B, V) of each row's next token (float32 when the head runs on the native kernel, which takes
+        float32 in and out: no rounding to bf16 and back on the way)."""
+        h = self.hidden(tokens, positions)
+        head = self.model.lm_head
+        return head(h if getattr(head, "kernel", None) == "native" else h.to(self.model.dtype))[:, -1]
 
 
 class _Slot:

@@ -224,6 +224,9 @@ def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int 
     return kernel
 
 
+NATIVE_INT8_MAX_ROWS = 16  # our int8 kernel is a per-row dot product: decode-sized inputs; prefill goes to torch's
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with int8 per-output-channel weights."""
 
@@ -244,7 +247,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kernel == "native":
+        if self.kernel == "native" and x2.shape[0] > NATIVE_INT8_MAX_ROWS:  # many rows: torch's kernel is faster
+            y = torch.ops.aten._weight_int8pack_mm(_bf16_contiguous(x2), self.weight, self.scales.to(torch.bfloat16))
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+        elif self.kernel == "native":
             xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
             y = cpu_int4.library().int8_matmul(xf, self.weight, self.scales)
             y = y if y.dtype == x.dtype else y.to(x.dtype)

@@ -18,10 +18,17 @@
  * Plain C with a C ABI (called through ctypes, no Python or torch headers), so it compiles in about a second;
  * OpenMP for the threads (torch's own libgomp, already loaded by the time this library is).
  */
+#define _GNU_SOURCE
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
 #include <stdatomic.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -234,30 +241,45 @@ static int int4_shape_ok(int64_t M, int64_t K, int64_t N, int64_t group) {
     return M > 0 && K > 0 && N > 0 && K % CHUNK == 0 && group % CHUNK == 0 && K % group == 0 && N % ROWS == 0;
 }
 
-/* A barrier that spins (with pause, yielding after a while) instead of sleeping: libgomp's own barriers put their
- * threads to sleep almost at once whenever it manages more threads than there are CPUs (any second thread that ever
- * used OpenMP, e.g. a server's worker thread after the main thread loaded the model), and a futex wake-up per barrier
- * made a 2-thread decode step three times slower than one thread. */
+/* A barrier that spins for ~50 us (pause) before it sleeps on a futex. libgomp's own barriers sleep almost at once
+ * whenever it manages more threads than there are CPUs (e.g. a server's worker thread after the main thread loaded
+ * the model), and a wake-up per barrier made a 2-thread decode step three times slower; a barrier that only spins
+ * is worse when another process holds the other core (the partner is descheduled: a hundred times slower). */
 typedef struct {
     _Atomic int count;
     _Atomic int gen;
+    _Atomic int sleepers;
     int n;
 } spin_barrier;
 
+#define BARRIER_SPINS 2000 /* x ~28 ns per pause on the project's CPUs */
+
 static void barrier_wait(spin_barrier *b) {
     if (b->n <= 1) return;
-    const int g = atomic_load_explicit(&b->gen, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == b->n - 1) {
-        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+    const int g = atomic_load(&b->gen);
+    if (atomic_fetch_add(&b->count, 1) == b->n - 1) {
+        atomic_store(&b->count, 0);
+        atomic_fetch_add(&b->gen, 1);
+#ifdef __linux__
+        if (atomic_load(&b->sleepers)) syscall(SYS_futex, (int *)&b->gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#endif
         return;
     }
-    for (long spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == g; ++spins) {
+    for (int spins = 0; spins < BARRIER_SPINS; ++spins) {
+        if (atomic_load_explicit(&b->gen, memory_order_acquire) != g) return;
 #ifdef __x86_64__
         _mm_pause();
 #endif
-        if (spins > 200000) sched_yield();
     }
+    atomic_fetch_add(&b->sleepers, 1);
+    while (atomic_load(&b->gen) == g) {
+#ifdef __linux__
+        syscall(SYS_futex, (int *)&b->gen, FUTEX_WAIT_PRIVATE, g, NULL, NULL, 0);  /* returns at once if gen moved on */
+#else
+        sched_yield();
+#endif
+    }
+    atomic_fetch_sub(&b->sleepers, 1);
 }
 
 /* [lo, hi) of n items for thread t of nt (static, contiguous). */
@@ -330,7 +352,7 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *d = (float *)malloc(sizeof(float) * (size_t)(M * (K / CHUNK)) * 3);
     if (!xq || !d) { free(xq); free(d); return 2; }
-    spin_barrier bar = {0, 0, 1};
+    spin_barrier bar = {0, 0, 0, 1};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
 #pragma omp single
@@ -595,7 +617,7 @@ int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, i
     float *dq = scores + B * H * smax;
     /* one team for the whole step, synchronised by spin barriers (see barrier_wait): thread 0 runs the serial
      * pieces, the matmuls and the attention are shared; the threads never go back to sleep between layers */
-    spin_barrier bar = {0, 0, 1};
+    spin_barrier bar = {0, 0, 0, 1};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
 #pragma omp single
