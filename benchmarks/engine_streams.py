@@ -129,7 +129,8 @@ def main() -> None:
         show(f"best, prefill={k}: ", m, a.streams)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.is_file() else {}
-    runs[f"quantization={a.quantization or 'none'}" + (f",dtype={a.dtype}" if a.dtype else "")] = result  # one entry per weight format, latest run wins
+    runs[f"quantization={a.quantization or 'none'}" + (f",dtype={a.dtype}" if a.dtype else "")
+         + (f",threads={a.threads}" if a.threads != 1 else "")] = result  # one entry per configuration, latest run wins
     RESULTS.write_text(json.dumps({"runs": runs}, indent=2))
     print(f"saved {RESULTS}")
     for e in engines.values():

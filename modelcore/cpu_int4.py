@@ -86,7 +86,22 @@ class Kernel:
         fn8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                         ctypes.c_void_p, ctypes.c_int]
         self._fn8 = fn8
+        deq = self.lib.mc_int4_dequant_bf16
+        deq.restype = ctypes.c_int
+        deq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                        ctypes.c_int]
+        self._deq = deq
         self.isa = self.lib.mc_int4_isa().decode()
+
+    def dequantize_bf16(self, blocks: torch.Tensor, block_scales: torch.Tensor, group: int,
+                        threads: int | None = None) -> torch.Tensor:
+        """The (N, K) bfloat16 weight of a packed int4 layer: (code - 8) * scale + zero, rounded to nearest even."""
+        n, k = blocks.shape[0], blocks.shape[1] * 2
+        out = torch.empty(n, k, dtype=torch.bfloat16)
+        rc = self._deq(blocks.data_ptr(), block_scales.data_ptr(), n, k, group, out.data_ptr(), threads or torch.get_num_threads())
+        if rc:
+            raise ValueError(f"int4 dequantize refused shapes N={n} K={k} group={group} (code {rc})")
+        return out
 
     def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """x (M, K) float32 contiguous CPU, weight (N, K) int8 row-major, scales (N,) float32 -> (M, N) float32."""

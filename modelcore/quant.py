@@ -224,6 +224,7 @@ def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int 
     return kernel
 
 
+NATIVE_INT4_DEQUANT_ROWS = 128  # from this many rows on, a native int4 layer runs as bf16 weight x dense GEMM (prefill)
 NATIVE_INT8_MAX_ROWS = 16  # our int8 kernel is a per-row dot product: decode-sized inputs; prefill goes to torch's
 
 
@@ -350,7 +351,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kernel == "native":
+        if self.kernel == "native" and x2.shape[0] >= NATIVE_INT4_DEQUANT_ROWS:  # prefill: bf16 weight, dense GEMM
+            w = cpu_int4.library().dequantize_bf16(self.blocks, self.block_scales, self.group_size)
+            y = F.linear(_bf16_contiguous(x2), w)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+        elif self.kernel == "native":
             xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
             y = cpu_int4.library().matmul(xf, self.blocks, self.block_scales, self.group_size)
             y = y if y.dtype == x.dtype else y.to(x.dtype)

@@ -40,6 +40,7 @@
 #define CHUNK 32
 #define CHUNK_BYTES 256
 #define MT 8 /* rows of x per pass over a block's weights */
+#define PANEL 64 /* rows of x per sweep over the weights */
 
 const char *mc_int4_isa(void) {
 #if defined(MC_EXACT)
@@ -324,9 +325,13 @@ static void int4_team(const float *x, int64_t M, int64_t K, int64_t N, const uin
     barrier_wait(bar);
     const int64_t block_codes = C * CHUNK_BYTES, block_sz = G * 2 * ROWS;
     split_range(nb, t, nt, &lo, &hi);
+    /* panels of PANEL rows of x: a panel's int8 rows stay in L1/L2 while this thread's blocks stream past (one
+     * pass over all M rows per block made a 1,024-token prefill read its activations from L3 once per block) */
+    for (int64_t p0 = 0; p0 < M; p0 += PANEL)
     for (int64_t b = lo; b < hi; ++b) {
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            const int mt = (int)(M - m0 < MT ? M - m0 : MT);
+        const int64_t p1 = p0 + PANEL < M ? p0 + PANEL : M;
+        for (int64_t m0 = p0; m0 < p1; m0 += MT) {
+            const int mt = (int)(p1 - m0 < MT ? p1 - m0 : MT);
             const uint8_t *bc = codes + b * block_codes;
             const uint16_t *bs = sz + b * block_sz;
             /* a constant row count per call, so the accumulators stay in registers */
@@ -361,6 +366,39 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
     }
     free(xq);
     free(d);
+    return 0;
+}
+
+/* The weight as bfloat16 (N, K) row-major, w = (code - 8) * s + zero rounded to nearest even: for long inputs
+ * (prefill), where a bf16 GEMM beats the int8 dot products (a 1,024-token prefill: 0.6 s against 0.8 s of matmuls). */
+int mc_int4_dequant_bf16(const uint8_t *codes, const uint16_t *sz, int64_t N, int64_t K, int64_t group, uint16_t *out,
+                         int nthreads) {
+    if (!int4_shape_ok(1, K, N, group)) return 1;
+    const int64_t C = K / CHUNK, G = K / group, nb = N / ROWS;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *bc = codes + b * C * CHUNK_BYTES;
+        const uint16_t *bs = sz + b * G * 2 * ROWS;
+        for (int64_t r = 0; r < ROWS; ++r) {
+            uint16_t *o = out + (b * ROWS + r) * K;
+            for (int64_t c = 0; c < C; ++c) {
+                const int64_t g = c * CHUNK / group;
+                const float sc = bf16_to_f32(bs[g * 2 * ROWS + r]), z = bf16_to_f32(bs[g * 2 * ROWS + ROWS + r]) - 8.f * sc;
+                float w[CHUNK];
+                for (int v = 0; v < 4; ++v)
+                    for (int j = 0; j < 4; ++j) {
+                        const uint8_t byte = bc[c * CHUNK_BYTES + 64 * v + 4 * r + j];
+                        w[8 * v + j] = (float)(byte & 15);
+                        w[8 * v + 4 + j] = (float)(byte >> 4);
+                    }
+#pragma omp simd
+                for (int k = 0; k < CHUNK; ++k) {
+                    union { float f; uint32_t u; } bits = {.f = w[k] * sc + z};
+                    o[c * CHUNK + k] = (uint16_t)((bits.u + 0x7FFFu + ((bits.u >> 16) & 1u)) >> 16);
+                }
+            }
+        }
+    }
     return 0;
 }
 

@@ -183,3 +183,36 @@ def test_native_int8_linear_vs_fallback_and_tied_embedding() -> None:
         a, b = native(x), fallback(x)
         assert a.shape == (3, rows, 96) and float((a - b).norm() / b.norm()) < 0.01
         assert native(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("isa", cpu_int4.ISAS)
+def test_dequantize_bf16_matches_the_codes(isa: str) -> None:
+    """The prefill path's bf16 weight: (code - 8) * scale + zero from the packed layout, within one bf16 rounding of
+    the float dequantization of the same codes."""
+    kern = _kernel(isa)
+    torch.manual_seed(8)
+    qw = quantize_int4(torch.randn(48, 256) * torch.rand(48, 1), group_size=64, refine=True)
+    blocks, block_scales = cpu_int4.pack(qw.codes, qw.scales, qw.mins + 8 * qw.scales)
+    w = kern.dequantize_bf16(blocks, block_scales, 64)
+    ref = qw.dequantize()
+    assert w.dtype == torch.bfloat16 and w.shape == (48, 256)
+    torch.testing.assert_close(w.float(), ref, atol=1e-6, rtol=2 ** -8)
+
+
+def test_native_int4_long_inputs_take_the_dense_path() -> None:
+    """From NATIVE_INT4_DEQUANT_ROWS rows on (prefill), the native layer multiplies by its bf16 weight: still < 1%
+    from the float twin, and equal to F.linear on that weight."""
+    if cpu_int4.library() is None:
+        pytest.skip("the native kernel does not build here")
+    from modelcore.quant import NATIVE_INT4_DEQUANT_ROWS
+
+    torch.manual_seed(9)
+    lin = nn.Linear(256, 64, bias=True)
+    qw = quantize_int4(lin.weight, group_size=32)
+    native, fallback = Int4Linear(qw, lin.bias, kernel="native"), Int4Linear(qw, lin.bias, kernel="fallback")
+    x = torch.randn(1, NATIVE_INT4_DEQUANT_ROWS, 256)
+    a, b = native(x), fallback(x)
+    assert float((a - b).norm() / b.norm()) < 0.01
+    w = cpu_int4.library().dequantize_bf16(native.blocks, native.block_scales, 32)
+    dense = (torch.nn.functional.linear(x.bfloat16(), w) + lin.bias.detach().bfloat16()).float()
+    torch.testing.assert_close(a, dense, atol=0.05, rtol=0.02)
