@@ -224,7 +224,7 @@ def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int 
     return kernel
 
 
-NATIVE_INT4_DEQUANT_ROWS = 128  # from this many rows on, a native int4 layer runs as bf16 weight x dense GEMM (prefill)
+NATIVE_INT4_DEQUANT_ROWS = 512  # from this many rows on, a native int4 layer runs as bf16 weight x dense GEMM (prefill)
 NATIVE_INT8_MAX_ROWS = 16  # our int8 kernel is a per-row dot product: decode-sized inputs; prefill goes to torch's
 
 
