@@ -7,8 +7,6 @@ Module names follow Hugging Face checkpoint keys, so an HF state dict loads 1:1:
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,79 +31,19 @@ class ModelOutput:
 
 
 
-PREFILL_DEQUANT_ROWS = 256  # CUDA int4: from this many tokens on, dequantize the layer's weight and run the dense GEMM
-
-
 def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """mod(x), except for long inputs to a CUDA int4 linear: its tinygemm kernel is built for a few rows and runs a
-    4k-token prefill ~15x slower than bf16, so the weight is dequantized to bf16 for this call and the dense GEMM used.
-    """
-    if x.is_cuda and getattr(mod, "kernel", None) == "packed" and hasattr(mod, "scales_and_zeros") and \
-            x.numel() >= PREFILL_DEQUANT_ROWS * x.shape[-1]:
-        w = dequantize_cuda_int4(mod.packed, mod.scales_and_zeros, mod.group_size, mod.out_features, mod.in_features)
-        y = F.linear(x.to(w.dtype), w)
-        if mod.bias is not None:
-            y = y + mod.bias.to(y.dtype)
-        return y.to(x.dtype)
+    """mod(x): the one place the model calls its linears. (A CUDA int4 linear picks its own path by the number of rows:
+    the Triton GEMV for a few, dequantize + dense GEMM for more; see modelcore/triton_int4.py. Dequantizing the next
+    layer's weight on a side stream during a long prefill was tried and measured slower on an H200: 88.9 vs 85.4 ms
+    for a 4096-token prefill's 28 layers of int4 linears, the GEMMs not sharing the GPU with it.)"""
     return mod(x)
 
 
-@functools.cache
-def _cuda_int4_tile_order(device: torch.device) -> torch.Tensor:
-    """For CUDA's int4 layout (`_convert_weight_to_int4pack(.., 8)`: (N/8, K/128, 32, 4) int32, one 8x128 tile per
-    (N/8, K/128) entry): for each tile element (row * 128 + col), the nibble (in memory order) that holds it. Found
-    by packing probes whose codes are 4-bit slices of each element's own index."""
-    idx = torch.arange(8 * 128, device=device).view(8, 128)
-    order = torch.zeros(1024, dtype=torch.long, device=device)
-    for shift in (0, 4, 8):
-        codes = (idx >> shift) & 15  # 4 bits of each element's index
-        packed = torch.ops.aten._convert_weight_to_int4pack(((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8), 8)
-        nib = (packed.reshape(-1, 1) >> torch.arange(0, 32, 4, device=device)) & 15  # (128, 8) nibbles in memory order
-        order |= nib.reshape(-1).long() << shift
-    assert torch.equal(order.sort().values, torch.arange(1024, device=device)), "unexpected CUDA int4 layout"
-    return order.argsort()  # where[e]: the nibble holding tile element e
-
-
-def _dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, where: torch.Tensor, group_size: int,
-                          n: int, k: int) -> torch.Tensor:
-    """bf16 weight (N, K) of a CUDA tinygemm int4 weight: w = (code - 8) * scale + zero, as the kernel computes it.
-
-    where[e]: the nibble (in memory order) that holds element e (row * 128 + col) of each 8x128 tile.
-    """
-    raw = packed.view(torch.uint8).view(n // 8, k // 128, 512)  # little-endian: nibble q is byte q // 2, low half first
-    nib = torch.stack([raw & 15, raw >> 4], dim=-1).view(n // 8, k // 128, 1024)  # (N/8, K/128, 1024) in memory order
-    tiles = nib.index_select(-1, where)  # (N/8, K/128, 8 * 128) in tile order
-    codes = tiles.view(n // 8, k // 128, 8, 128).permute(0, 2, 1, 3).reshape(n, k // group_size, group_size)  # (N, G, g)
-    sz = scales_and_zeros.transpose(0, 1)  # (N, G, 2)
-    w = (codes.to(torch.bfloat16) - 8) * sz[..., :1] + sz[..., 1:]
-    return w.view(n, k)
-
-
-@functools.cache
-def _compiled_dequantize() -> Any:
-    """_dequantize_cuda_int4 through torch.compile: one fused gather + scale kernel instead of eight passes."""
-    return torch.compile(_dequantize_cuda_int4, dynamic=False)
-
-
-def dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
-    """bf16 weight (N, K) of a CUDA tinygemm int4 weight (layout read back via _cuda_int4_tile_order)."""
-    where = _cuda_int4_tile_order(packed.device)
+def dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bf16 weight (N, K) of a CUDA int4 weight in our layout (one Triton kernel; twin: triton_int4.dequantize_reference)."""
     from modelcore import triton_int4
 
-    # Opt-in ($MODELCORE_INT4_TRITON=1): one Triton kernel (gather within each 512-byte tile, scale, store). Measured on
-    # an H200 (benchmarks/results/int4_kernels_dequant.json) it is slower than the compiled twin below: 18.6 vs 16.6 ms
-    # for all 7B-shape weights (the byte gather out of tinygemm's tiles); a plain layout dequantizes in 5.8 ms.
-    if os.environ.get("MODELCORE_INT4_TRITON", "0") == "1" and triton_int4.available() and k % 128 == 0:
-        try:
-            return triton_int4.dequantize_tiled(packed, scales_and_zeros, where, group_size, n, k)
-        except Exception:  # noqa: BLE001 - fall back to the torch twin below
-            pass
-    if os.environ.get("MODELCORE_COMPILE", "1") != "0":
-        try:
-            return _compiled_dequantize()(packed, scales_and_zeros, where, group_size, n, k)
-        except Exception:  # noqa: BLE001 - no compiler: the eager twin computes the same
-            pass
-    return _dequantize_cuda_int4(packed, scales_and_zeros, where, group_size, n, k)
+    return triton_int4.dequantize(packed, scales_and_zeros, group_size)
 
 
 class RMSNorm(nn.Module):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcore import cpu_int4
+from modelcore import cpu_int4, triton_int4
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -297,7 +297,10 @@ class Int4Linear(nn.Module):
         zeros = qw.mins.float() + 8.0 * qw.scales.float()
         sz = torch.stack([qw.scales.float(), zeros], dim=-1).transpose(0, 1)  # (G, N, 2)
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16).contiguous())
-        if qw.codes.device.type == "cuda":
+        if qw.codes.device.type == "cuda" and triton_int4.available() and \
+                triton_int4.supports(self.out_features, self.in_features, self.group_size):
+            self.register_buffer("packed", triton_int4.pack(qw.codes))  # (N, K/2) uint8, modelcore/triton_int4.py
+        elif qw.codes.device.type == "cuda":  # no Triton, or a shape its layout does not take: torch's tinygemm
             hi_first = ((qw.codes[:, 0::2] << 4) | qw.codes[:, 1::2]).contiguous()  # (N, K/2)
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(hi_first, 8))
         else:
@@ -361,6 +364,10 @@ class Int4Linear(nn.Module):
             y = y if y.dtype == x.dtype else y.to(x.dtype)
         elif self.kernel == "packed":
             xb = _bf16_contiguous(x2)
+            if self.packed.device.type == "cuda" and self.packed.dtype == torch.uint8:  # our layout, bias fused
+                y = torch.ops.modelcore.int4_linear(xb, self.packed, self.scales_and_zeros, self.bias, self.group_size)
+                y = y if y.dtype == x.dtype else y.to(x.dtype)
+                return y.view(*shape[:-1], self.out_features)
             if self.packed.device.type == "cuda":
                 y = torch.ops.aten._weight_int4pack_mm(xb, self.packed, self.group_size, self.scales_and_zeros)
             else:

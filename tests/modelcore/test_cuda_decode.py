@@ -2,8 +2,9 @@
 
 * generate() on CUDA replays a captured (and torch.compile'd) decode step over a static cache: its greedy tokens
   must equal the eager step's, for a GQA model (float32) and a DeepSeek-V2 MLA + MoE model (bfloat16, packed experts).
-* the int4 prefill path dequantizes CUDA's tiled int4 layout: the weight read back must be exactly what the kernel
-  multiplies by, so the dense-GEMM prefill matches the int4 kernel.
+* CUDA int4 (modelcore/triton_int4.py): the layout round-trips; the GEMV and the dequantize + GEMM path match the
+  matmul with the reference-dequantized weight; the prefill's prefetched weights give the same outputs as the plain
+  path; an int4 model's graphed greedy decode equals its eager decode.
 """
 from __future__ import annotations
 
@@ -81,31 +82,111 @@ def test_graphed_generate_equals_eager_mla_moe() -> None:
     assert torch.equal(graphed[:, :12], eager[:, :12])
 
 
-def test_cuda_int4_dense_prefill_matches_kernel() -> None:
-    from modelcore.model import PREFILL_DEQUANT_ROWS, dequantize_cuda_int4, linear
-    from modelcore.quant import Int4Linear, quantize_int4
+def _int4_weight(n: int, k: int, group: int, seed: int):
+    """Random int4 weights whose scales and zeros are bf16-exact (as the kernels take them)."""
+    from modelcore.quant import Int4Weights, quantize_int4
 
-    torch.manual_seed(3)
-    w = torch.randn(384, 512, device="cuda") * 0.02
-    qw = quantize_int4(w, group_size=128)
-    lin = Int4Linear(qw, None)
-    assert lin.kernel == "packed" and lin.packed.is_cuda
-    deq = dequantize_cuda_int4(lin.packed, lin.scales_and_zeros, 128, 384, 512)
-    torch.testing.assert_close(deq.float(), qw.dequantize(torch.float32), rtol=0.01, atol=2e-4)  # bf16 scales/zeros
+    torch.manual_seed(seed)
+    qw = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group_size=group)
+    scales = qw.scales.to(torch.bfloat16).float()
+    zeros = (qw.mins + 8.0 * qw.scales).to(torch.bfloat16).float()
+    return Int4Weights(qw.codes, scales, zeros - 8.0 * scales, group)
+
+
+def _sz(qw) -> torch.Tensor:
+    """scales_and_zeros (G, N, 2) bf16 as Int4Linear builds them."""
+    zeros = qw.mins.float() + 8.0 * qw.scales.float()
+    return torch.stack([qw.scales.float(), zeros], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
+def test_cuda_int4_layout_roundtrip() -> None:
     from modelcore import triton_int4
-    from modelcore.model import _cuda_int4_tile_order, _dequantize_cuda_int4
 
-    twin = _dequantize_cuda_int4(lin.packed, lin.scales_and_zeros, _cuda_int4_tile_order(w.device), 128, 384, 512)
-    torch.testing.assert_close(deq.float(), twin.float(), rtol=0.01, atol=5e-4)  # Triton rounds once, the twin per op
-    if triton_int4.available():
-        buf = torch.empty(384, 512, device="cuda", dtype=torch.bfloat16)
-        tri = triton_int4.dequantize_tiled(lin.packed, lin.scales_and_zeros, _cuda_int4_tile_order(w.device), 128, 384, 512, out=buf)
-        assert tri.data_ptr() == buf.data_ptr()  # the opt-in Triton kernel (MODELCORE_INT4_TRITON=1) reads the same layout
-        torch.testing.assert_close(tri.float(), twin.float(), rtol=0.01, atol=5e-4)
-    x = torch.randn(PREFILL_DEQUANT_ROWS + 7, 512, device="cuda", dtype=torch.bfloat16)
-    kernel, dense = lin(x), linear(lin, x)
-    cos = torch.nn.functional.cosine_similarity(kernel.float(), dense.float(), dim=-1)
-    assert float(cos.min()) > 0.9999, float(cos.min())
-    one = lin(x[:1]).float()  # one token through the kernel vs the float weight: the kernel is exact up to bf16
-    ref = x[:1].float() @ qw.dequantize(torch.float32).T
-    assert float(torch.nn.functional.cosine_similarity(one, ref).min()) > 0.999
+    qw = _int4_weight(96, 384, 32, 0)
+    packed = triton_int4.pack(qw.codes)
+    assert packed.shape == (96, 192) and packed.dtype == torch.uint8
+    assert torch.equal(triton_int4.unpack(packed), qw.codes.to(torch.uint8))
+    assert torch.equal(triton_int4.unpack(triton_int4.pack(qw.codes.cpu())), qw.codes.cpu().to(torch.uint8))
+    # the reference dequantizer reproduces the quantizer's weights up to the bf16 rounding of scales and zeros
+    torch.testing.assert_close(triton_int4.dequantize_reference(packed, _sz(qw), 32), qw.dequantize(torch.float32),
+                               rtol=0.01, atol=3e-4)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_cuda_int4_gemv_matches_dequantized_matmul(group: int, m: int) -> None:
+    from modelcore import triton_int4
+
+    if not triton_int4.available():
+        pytest.skip("needs Triton")
+    n, k = 200, 1024  # 200 rows: the last program's rows are partly past the end
+    qw = _int4_weight(n, k, group, m)
+    packed, sz = triton_int4.pack(qw.codes), _sz(qw)
+    w = triton_int4.dequantize_reference(packed, sz, group)  # float32 (N, K)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda")
+    y = triton_int4.gemv(x, packed, sz, group)
+    ref = x.float() @ w.T
+    torch.testing.assert_close(y.float(), ref, rtol=4e-3, atol=1e-4)  # bf16 rounding of the output
+    yb = triton_int4.gemv(x, packed, sz, group, bias)
+    torch.testing.assert_close(yb.float(), ref + bias, rtol=4e-3, atol=1e-4)
+    for cfg in ({"PREFETCH": 2, "BB": 4}, {"KS": 3, "BB": 8}, {"BN": 32, "BB": 4, "num_warps": 8, "KS": 2}, {"MB": 8, "BN": 4, "BB": 16, "num_warps": 2}):
+        torch.testing.assert_close(triton_int4.gemv(x, packed, sz, group, bias, **cfg).float(), ref + bias, rtol=4e-3,
+                                   atol=1e-4)
+    xs = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)[:, ::2]  # strided rows: the op makes them contiguous
+    gemv_rows = m <= triton_int4.GEMV_MAX_ROWS  # else the op dequantizes: bf16 weight, bf16 GEMM output, bf16 bias add
+    torch.testing.assert_close(torch.ops.modelcore.int4_linear(xs, packed, sz, bias, group).float(),
+                               xs.float() @ w.T + bias, rtol=4e-3 if gemv_rows else 2e-2, atol=1e-4 if gemv_rows else 2e-2)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_cuda_int4_dequantize_matches_reference(group: int) -> None:
+    from modelcore import triton_int4
+
+    if not triton_int4.available():
+        pytest.skip("needs Triton")
+    qw = _int4_weight(136, 640, group, 7)
+    packed, sz = triton_int4.pack(qw.codes), _sz(qw)
+    ref = triton_int4.dequantize_reference(packed, sz, group)
+    torch.testing.assert_close(triton_int4.dequantize(packed, sz, group).float(), ref, rtol=4e-3, atol=1e-6)
+    buf = torch.empty(136, 640, device="cuda", dtype=torch.bfloat16)
+    assert triton_int4.dequantize(packed, sz, group, out=buf, bn=16, bb=4).data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf.float(), ref, rtol=4e-3, atol=1e-6)
+    # many rows: the op dequantizes and runs the dense GEMM
+    x = torch.randn(triton_int4.GEMV_MAX_ROWS + 5, 640, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(torch.ops.modelcore.int4_linear(x, packed, sz, None, group).float(), x.float() @ ref.T,
+                               rtol=2e-2, atol=5e-3)  # the bf16 weight
+
+
+def test_cuda_int4_linear_matches_fallback() -> None:
+    from modelcore import triton_int4
+    from modelcore.model import dequantize_cuda_int4, linear
+    from modelcore.quant import Int4Linear
+
+    qws = [_int4_weight(n, k, 64, i) for i, (n, k) in enumerate([(384, 512), (512, 384), (256, 512)])]
+    biases = [torch.randn(384, device="cuda"), None, torch.randn(256, device="cuda")]
+    mods = [Int4Linear(q, b) for q, b in zip(qws, biases)]
+    twins = [Int4Linear(q, b, kernel="fallback") for q, b in zip(qws, biases)]
+    assert all(m.kernel == "packed" and m.packed.dtype == torch.uint8 for m in mods)
+    for m, t in zip(mods, twins):
+        for rows in (1, 3, triton_int4.GEMV_MAX_ROWS + 1, 300):  # the GEMV, then dequantize + dense GEMM
+            x = torch.randn(rows, m.in_features, device="cuda", dtype=torch.bfloat16)
+            # bf16 activations (and, from GEMV_MAX_ROWS + 1 rows, the bf16-rounded weight) against float32
+            torch.testing.assert_close(linear(m, x).float(), t(x.float()).float(), rtol=2e-2, atol=1e-2)
+        x = torch.randn(2, 3, m.in_features, device="cuda", dtype=torch.bfloat16)  # leading dims kept
+        assert m(x).shape == (2, 3, m.out_features)
+        w = dequantize_cuda_int4(m.packed, m.scales_and_zeros, m.group_size)  # the dense path's weight, exactly
+        torch.testing.assert_close(w.float(), t.dequantized_weight(torch.float32), rtol=4e-3, atol=1e-6)
+
+
+def test_graphed_generate_equals_eager_int4() -> None:
+    from modelcore.quant import quantize_model
+
+    model, _ = _tiny_qwen(torch.bfloat16)
+    model.fuse_projections()
+    quantize_model(model, "int4", group_size=32)
+    assert model.model.layers[0].mlp.down_proj.packed.dtype == torch.uint8
+    ids = torch.randint(0, 512, (2, 11), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    model.compile_decode = False  # the same kernels in the graph as eagerly
+    graphed, eager = _graph_vs_eager(model, ids)
+    assert torch.equal(graphed, eager)
