@@ -1,6 +1,7 @@
 """The generator behind answers and reports: the model profile's Engine, or none (extractive only)."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -36,10 +37,12 @@ def generator_dtype() -> str | None:
     return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else None
 
 
+@functools.lru_cache(maxsize=16)
 def default_quantization(path: str | None) -> str | None:
     """With no quantization asked for: "int4" for a GGUF stored in Q4_0/Q4_1 (the default SmolLM2 file), which keeps
     its own codes and decodes on modelcore's int4 kernels (Engine, one stream: ~165 against ~45 tok/s in bf16 on
-    the project's CPUs, prefill as fast); None (the checkpoint's own weights) for anything else."""
+    the project's CPUs, prefill as fast); None (the checkpoint's own weights) for anything else. Cached: reading
+    a GGUF's tensor table parses its whole header (~2 s for SmolLM2's 49k-token vocabulary), once per path."""
     from modelcore.defaults import default_generator_path
     from modelcore.gguf import stores_int4
 
@@ -68,6 +71,7 @@ def engine_for(*, purpose: str):
     profile = profile_for(purpose=purpose)
     path = (profile.checkpoint_path if profile else "") or settings.KD_GENERATOR_MODEL or None
     quant = (profile.quantization if profile else "") or settings.KD_GENERATOR_QUANTIZATION or default_quantization(path)
+    quant = None if quant == "none" else quant  # KD_GENERATOR_QUANTIZATION=none: the checkpoint's own weights
     modes = engine_modes(profile)
     try:
         from modelcore.engine import Engine
