@@ -1,4 +1,4 @@
-"""The whole layer stack of a one-sequence CPU decode step in one C call (`mc_llama_decode` in csrc/int4_cpu.c).
+"""The whole layer stack of a CPU decode step in one C call (`mc_llama_decode` in csrc/decode_cpu.c), for any rows.
 
 Why: a Llama layer is ~20 torch ops around its four matmuls, and each op costs microseconds of dispatch on a CPU
 (5 us for a 576-element multiply on a 2-core VM), more than the layer's int4 matmuls themselves. The C step does the
@@ -62,7 +62,7 @@ class FusedDecoder:
         assert lib is not None and supported(model), "the model does not fit the fused CPU decode step"
         self.model, self.lib = model, lib.lib
         if lib.lib.mc_decode_fields() != len(FIELDS):
-            raise RuntimeError("modelcore/csrc/int4_cpu.c and cpu_decode.py disagree on the layer table")
+            raise RuntimeError("modelcore/csrc/decode_cpu.c and cpu_decode.py disagree on the layer table")
         a = model.args
         att0 = model.model.layers[0].self_attn
         k0 = cache[0].k

@@ -1,6 +1,6 @@
-"""Our own CPU int4 and int8 matmuls (modelcore/csrc/int4_cpu.c): build, load, pack weights into the int4 layout, call them.
+"""Our own CPU kernels (modelcore/csrc: int4/int8 matmuls, the fused decode step): build, load, pack weights, call them.
 
-The C file is compiled on first use with the machine's C compiler for the machine's own instruction set
+The C files are compiled on first use with the machine's C compiler for the machine's own instruction set
 (`-march=native`: AVX512-VNNI, else AVX2, else plain C) into a per-user cache folder
 (`MODELCORE_KERNEL_DIR`, default ~/.cache/modelcore/kernels), keyed by the source, the flags and the CPU, and
 loaded with ctypes; `./kd install` builds it once. Where no compiler works, `library()` returns None and the
@@ -26,7 +26,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "int4_cpu.c", CSRC / "decode_cpu.c")  # the matmuls; the fused decode step (cpu_decode.py)
+HEADERS = (CSRC / "kernels.h",)
 ROWS, CHUNK = 16, 32
 ISAS = ("native", "x86-64-v3", "x86-64")  # -march values: this CPU; AVX2+FMA; baseline (the plain C path)
 EXACT = "exact"  # a test build: float activations and weights dequantized one by one (the C path's naive twin)
@@ -55,16 +57,17 @@ def build(isa: str = "native") -> Path:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
     march = ["-march=native", "-DMC_EXACT"] if isa == EXACT else [f"-march={isa}"]
     flags = ["-O3", *march, "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]  # no errno: expf vectorizes
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(code + " ".join([cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"int4_cpu-{isa}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: concurrent builders never see half a file
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling {', '.join(f.name for f in SOURCES)} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp_out, out)
     return out
 

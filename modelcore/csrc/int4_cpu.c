@@ -18,27 +18,8 @@
  * Plain C with a C ABI (called through ctypes, no Python or torch headers), so it compiles in about a second;
  * OpenMP for the threads (torch's own libgomp, already loaded by the time this library is).
  */
-#define _GNU_SOURCE
-#include <limits.h>
-#include <math.h>
-#include <omp.h>
-#include <sched.h>
-#include <stdatomic.h>
-#ifdef __linux__
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef __x86_64__
-#include <immintrin.h>
-#endif
+#include "kernels.h"
 
-#define ROWS 16
-#define CHUNK 32
-#define CHUNK_BYTES 256
 #define MT 8 /* rows of x per pass over a block's weights */
 #define PANEL 64 /* rows of x per sweep over the weights */
 
@@ -238,24 +219,13 @@ static inline __attribute__((always_inline)) void block_rows(const uint8_t *code
 }
 #endif
 
-static int int4_shape_ok(int64_t M, int64_t K, int64_t N, int64_t group) {
+int mc_int4_shape_ok(int64_t M, int64_t K, int64_t N, int64_t group) {
     return M > 0 && K > 0 && N > 0 && K % CHUNK == 0 && group % CHUNK == 0 && K % group == 0 && N % ROWS == 0;
 }
 
-/* A barrier that spins for ~50 us (pause) before it sleeps on a futex. libgomp's own barriers sleep almost at once
- * whenever it manages more threads than there are CPUs (e.g. a server's worker thread after the main thread loaded
- * the model), and a wake-up per barrier made a 2-thread decode step three times slower; a barrier that only spins
- * is worse when another process holds the other core (the partner is descheduled: a hundred times slower). */
-typedef struct {
-    _Atomic int count;
-    _Atomic int gen;
-    _Atomic int sleepers;
-    int n;
-} spin_barrier;
-
 #define BARRIER_SPINS 2000 /* x ~28 ns per pause on the project's CPUs */
 
-static void barrier_wait(spin_barrier *b) {
+void mc_barrier_wait(spin_barrier *b) {
     if (b->n <= 1) return;
     const int g = atomic_load(&b->gen);
     if (atomic_fetch_add(&b->count, 1) == b->n - 1) {
@@ -283,16 +253,9 @@ static void barrier_wait(spin_barrier *b) {
     atomic_fetch_sub(&b->sleepers, 1);
 }
 
-/* [lo, hi) of n items for thread t of nt (static, contiguous). */
-static inline void split_range(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
-    const int64_t q = n / nt, r = n % nt;
-    *lo = t * q + (t < r ? t : r);
-    *hi = *lo + q + (t < r ? 1 : 0);
-}
-
 /* The int4 matmul as work for thread t of a team of nt (a barrier after quantizing x and at the end).
  * xq: M * K bytes, dbuf: 3 * M * K / 32 floats of scratch. */
-static void int4_team(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *codes, const uint16_t *sz,
+void mc_int4_team(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *codes, const uint16_t *sz,
                       int64_t group, float *y, int8_t *xq, float *dbuf, int t, int nt, spin_barrier *bar) {
     const int64_t C = K / CHUNK, G = K / group, nb = N / ROWS;
     const int cpg = (int)(group / CHUNK);
@@ -300,7 +263,7 @@ static void int4_team(const float *x, int64_t M, int64_t K, int64_t N, const uin
     int64_t lo, hi;
 #ifdef MC_EXACT
     /* test build: float activations, weights dequantized one by one ((code - 8) * s + zero), no int8 rounding */
-    split_range(N, t, nt, &lo, &hi);
+    mc_split_range(N, t, nt, &lo, &hi);
     for (int64_t n = lo; n < hi; ++n)
         for (int64_t m = 0; m < M; ++m) {
             const int64_t b = n / ROWS, r = n % ROWS;
@@ -317,14 +280,14 @@ static void int4_team(const float *x, int64_t M, int64_t K, int64_t N, const uin
             y[m * N + n] = (float)acc;
         }
     (void)nb; (void)cpg; (void)d; (void)xs; (void)qs; (void)xq;
-    barrier_wait(bar);
+    mc_barrier_wait(bar);
     return;
 #endif
-    split_range(M, t, nt, &lo, &hi);
+    mc_split_range(M, t, nt, &lo, &hi);
     if (hi > lo) quantize_act(x + lo * K, hi - lo, K, xq + lo * K, d + lo * C, xs + lo * C, qs + lo * C);
-    barrier_wait(bar);
+    mc_barrier_wait(bar);
     const int64_t block_codes = C * CHUNK_BYTES, block_sz = G * 2 * ROWS;
-    split_range(nb, t, nt, &lo, &hi);
+    mc_split_range(nb, t, nt, &lo, &hi);
     /* panels of PANEL rows of x: a panel's int8 rows stay in L1/L2 while this thread's blocks stream past (one
      * pass over all M rows per block made a 1,024-token prefill read its activations from L3 once per block) */
     for (int64_t p0 = 0; p0 < M; p0 += PANEL)
@@ -347,13 +310,13 @@ static void int4_team(const float *x, int64_t M, int64_t K, int64_t N, const uin
             }
         }
     }
-    barrier_wait(bar);
+    mc_barrier_wait(bar);
 }
 
 /* y (M, N) float32 = x (M, K) float32 @ W^T. K % group == 0, group % 32 == 0, N % 16 == 0. Returns 0 or an error code. */
 int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *codes, const uint16_t *sz,
                    int64_t group, float *y, int nthreads) {
-    if (!int4_shape_ok(M, K, N, group)) return 1;
+    if (!mc_int4_shape_ok(M, K, N, group)) return 1;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *d = (float *)malloc(sizeof(float) * (size_t)(M * (K / CHUNK)) * 3);
     if (!xq || !d) { free(xq); free(d); return 2; }
@@ -362,7 +325,7 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
     {
 #pragma omp single
         bar.n = omp_get_num_threads();
-        int4_team(x, M, K, N, codes, sz, group, y, xq, d, omp_get_thread_num(), bar.n, &bar);
+        mc_int4_team(x, M, K, N, codes, sz, group, y, xq, d, omp_get_thread_num(), bar.n, &bar);
     }
     free(xq);
     free(d);
@@ -373,7 +336,7 @@ int mc_int4_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_
  * (prefill), where a bf16 GEMM beats the int8 dot products (a 1,024-token prefill: 0.6 s against 0.8 s of matmuls). */
 int mc_int4_dequant_bf16(const uint8_t *codes, const uint16_t *sz, int64_t N, int64_t K, int64_t group, uint16_t *out,
                          int nthreads) {
-    if (!int4_shape_ok(1, K, N, group)) return 1;
+    if (!mc_int4_shape_ok(1, K, N, group)) return 1;
     const int64_t C = K / CHUNK, G = K / group, nb = N / ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int64_t b = 0; b < nb; ++b) {
@@ -499,226 +462,3 @@ int mc_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
     return 0;
 }
 
-/* ---------------------------------------------------------------------------------------------------------------
- * One decode step of a Llama/Qwen2-family stack for B sequences (one new token each, each at its own position), all
- * layers in one call: the Python side spends a few microseconds per torch op, and a layer is some twenty of them,
- * more than its four matmuls cost here. Per layer (float32 throughout; the naive twin is the torch path of
- * modelcore/model.py):
- *   x = rmsnorm(h) * w_attn_norm; qkv = x @ Wqkv^T (+ bias); RoPE (rotate-half) on q and k with cos/sin of the row's
- *   position; k, v written to the row's cache at that position; per head softmax(q k^T * scale) v over the row's
- *   keys [start, pos]; h += attn @ Wo^T; x = rmsnorm(h) * w_ffn_norm; g, u = x @ Wgu^T; h += (silu(g) * u) @ Wdown^T.
- * Then out = rmsnorm(h) * w_final_norm. The B rows share each matmul (one pass over the weights).
- * Weights come as int64 addresses, DECODE_FIELDS per layer; caches as (k, v) addresses per layer, each
- * (rows, Hkv, max_len, hd) float32 with `row_stride` elements between rows.
- * --------------------------------------------------------------------------------------------------------------- */
-enum { F_NORM1, F_QKV, F_QKV_S, F_QKV_B, F_O, F_O_S, F_NORM2, F_GU, F_GU_S, F_DOWN, F_DOWN_S, DECODE_FIELDS };
-
-int mc_decode_fields(void) { return DECODE_FIELDS; }
-
-static void rmsnorm(const float *x, const float *w, int64_t n, float eps, float *out) {
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-    const float r = 1.f / sqrtf(ss / (float)n + eps);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
-}
-
-static void rope_rotate_half(float *x, const float *cos, const float *sin, int64_t hd) {
-    const int64_t half = hd / 2;
-    for (int64_t i = 0; i < half; ++i) {
-        const float a = x[i], b = x[i + half];
-        x[i] = a * cos[i] - b * sin[i];
-        x[i + half] = b * cos[i + half] + a * sin[i + half];
-    }
-}
-
-/* exp(x) for x <= 88 in plain arithmetic the compiler vectorizes (glibc's expf stays scalar): Cody-Waite reduction by
- * ln 2 and Cephes' degree-6 polynomial, relative error ~1e-7; inputs below -87 give ~1e-38 instead of 0. */
-static inline float vexpf(float x) {
-    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * f + 1.3981999507e-3f;
-    p = p * f + 8.3334519073e-3f;
-    p = p * f + 4.1665795894e-2f;
-    p = p * f + 1.6666665459e-1f;
-    p = p * f + 5.0000001201e-1f;
-    p = p * f * f + f + 1.f;
-    union { uint32_t u; float f; } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
-
-/* Attention of the `rep` query heads that share one key/value head, over keys [start, S): each key row is read once
- * for all of them. q: rep * hd, o: rep * hd, sc: rep * S floats of scratch. */
-#if defined(__AVX512F__)
-#define ATT_MAXV 16 /* query heads x head_dim / 16 held in registers */
-/* rep * hd <= 16 * ATT_MAXV, hd % 16 == 0: queries and outputs stay in registers while keys/values stream by. */
-static void attend_group_avx512(const float *q, const float *kb, const float *vb, int64_t rep, int64_t start, int64_t S,
-                                int64_t hd, float scale, float *sc, float *o) {
-    const int64_t nv = hd / 16;
-    __m512 qv[ATT_MAXV], ov[ATT_MAXV];
-    for (int64_t j = 0; j < rep * nv; ++j) { qv[j] = _mm512_loadu_ps(q + 16 * j); ov[j] = _mm512_setzero_ps(); }
-    for (int64_t s = start; s < S; ++s) {
-        const float *ks = kb + s * hd;
-        for (int64_t r = 0; r < rep; ++r) {
-            __m512 acc = _mm512_mul_ps(qv[r * nv], _mm512_loadu_ps(ks));
-            for (int64_t j = 1; j < nv; ++j) acc = _mm512_fmadd_ps(qv[r * nv + j], _mm512_loadu_ps(ks + 16 * j), acc);
-            sc[r * S + s] = _mm512_reduce_add_ps(acc) * scale;
-        }
-    }
-    for (int64_t r = 0; r < rep; ++r) {
-        float *sr = sc + r * S, mx = -INFINITY, sum = 0.f;
-        for (int64_t s = start; s < S; ++s) mx = sr[s] > mx ? sr[s] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = start; s < S; ++s) {
-            sr[s] = vexpf(sr[s] - mx);
-            sum += sr[s];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t s = start; s < S; ++s) sr[s] *= inv;
-    }
-    for (int64_t s = start; s < S; ++s) {
-        const float *vs = vb + s * hd;
-        for (int64_t j = 0; j < nv; ++j) {
-            const __m512 v = _mm512_loadu_ps(vs + 16 * j);
-            for (int64_t r = 0; r < rep; ++r) ov[r * nv + j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * S + s]), v, ov[r * nv + j]);
-        }
-    }
-    for (int64_t j = 0; j < rep * nv; ++j) _mm512_storeu_ps(o + 16 * j, ov[j]);
-}
-#endif
-
-static void attend_group(const float *q, const float *kb, const float *vb, int64_t rep, int64_t start, int64_t S,
-                         int64_t hd, float scale, float *sc, float *o) {
-#if defined(__AVX512F__)
-    if (hd % 16 == 0 && rep * (hd / 16) <= ATT_MAXV) {
-        attend_group_avx512(q, kb, vb, rep, start, S, hd, scale, sc, o);
-        return;
-    }
-#endif
-    for (int64_t s = start; s < S; ++s) {
-        const float *ks = kb + s * hd;
-        for (int64_t r = 0; r < rep; ++r) {
-            const float *qr = q + r * hd;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < hd; ++i) dot += qr[i] * ks[i];
-            sc[r * S + s] = dot * scale;
-        }
-    }
-    for (int64_t r = 0; r < rep; ++r) {
-        float *sr = sc + r * S, mx = -INFINITY, sum = 0.f;
-        for (int64_t s = start; s < S; ++s) mx = sr[s] > mx ? sr[s] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = start; s < S; ++s) {
-            sr[s] = vexpf(sr[s] - mx);
-            sum += sr[s];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t s = start; s < S; ++s) sr[s] *= inv;
-    }
-    for (int64_t i = 0; i < rep * hd; ++i) o[i] = 0.f;
-    for (int64_t s = start; s < S; ++s) {
-        const float *vs = vb + s * hd;
-        for (int64_t r = 0; r < rep; ++r) {
-            const float p = sc[r * S + s];
-            float *orow = o + r * hd;
-#pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) orow[i] += p * vs[i];
-        }
-    }
-}
-
-int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, int64_t B, int64_t D, int64_t H,
-                    int64_t Hkv, int64_t hd, int64_t I, int64_t group, int64_t max_len, int64_t row_stride, float eps,
-                    int64_t window, float scale, const float *cos_tab, const float *sin_tab, const int64_t *positions,
-                    float *h, const float *final_norm, float *out, int nthreads) {
-    if (B < 1 || H % Hkv || hd % 2) return 1;
-    int64_t smax = 0;
-    for (int64_t b = 0; b < B; ++b) {
-        if (positions[b] < 0 || positions[b] >= max_len) return 1;
-        smax = positions[b] + 1 > smax ? positions[b] + 1 : smax;
-    }
-    const int64_t nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv, rep = H / Hkv;
-    if (!int4_shape_ok(B, D, nqkv, group) || !int4_shape_ok(B, nq, D, group) || !int4_shape_ok(B, D, 2 * I, group) ||
-        !int4_shape_ok(B, I, D, group))
-        return 1;
-    const int64_t kmax = D > I ? (D > nq ? D : nq) : (I > nq ? I : nq);
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(B * (D + nqkv + nq + 3 * I) + B * H * smax + 3 * B * kmax / CHUNK));
-    int8_t *xq = (int8_t *)malloc((size_t)(B * kmax));
-    if (!buf || !xq) { free(buf); free(xq); return 2; }
-    float *x = buf, *qkv = x + B * D, *att = qkv + B * nqkv, *gu = att + B * nq, *act = gu + B * 2 * I, *scores = act + B * I;
-    float *dq = scores + B * H * smax;
-    /* one team for the whole step, synchronised by spin barriers (see barrier_wait): thread 0 runs the serial
-     * pieces, the matmuls and the attention are shared; the threads never go back to sleep between layers */
-    spin_barrier bar = {0, 0, 0, 1};
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-#pragma omp single
-        bar.n = omp_get_num_threads();
-        const int t = omp_get_thread_num(), nt = bar.n;
-        int64_t lo, hi;
-        for (int l = 0; l < n_layers; ++l) {
-            const int64_t *tb = table + (int64_t)l * DECODE_FIELDS;
-            float *kc = (float *)caches[2 * l], *vc = (float *)caches[2 * l + 1];
-            if (t == 0)
-                for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * D, (const float *)tb[F_NORM1], D, eps, x + b * D);
-            barrier_wait(&bar);
-            int4_team(x, B, D, nqkv, (const uint8_t *)tb[F_QKV], (const uint16_t *)tb[F_QKV_S], group, qkv, xq, dq, t, nt, &bar);
-            split_range(B, t, nt, &lo, &hi);
-            for (int64_t b = lo; b < hi; ++b) {
-                float *r = qkv + b * nqkv;
-                const int64_t pos = positions[b];
-                if (tb[F_QKV_B]) {
-                    const float *bias = (const float *)tb[F_QKV_B];
-                    for (int64_t i = 0; i < nqkv; ++i) r[i] += bias[i];
-                }
-                const float *cs = cos_tab + pos * hd, *sn = sin_tab + pos * hd;
-                for (int64_t hh = 0; hh < H + Hkv; ++hh) rope_rotate_half(r + hh * hd, cs, sn, hd);  /* q heads, then k heads */
-                for (int64_t g = 0; g < Hkv; ++g) {
-                    memcpy(kc + b * row_stride + (g * max_len + pos) * hd, r + nq + g * hd, sizeof(float) * (size_t)hd);
-                    memcpy(vc + b * row_stride + (g * max_len + pos) * hd, r + nq + nkv + g * hd, sizeof(float) * (size_t)hd);
-                }
-            }
-            barrier_wait(&bar);
-            split_range(B * Hkv, t, nt, &lo, &hi);
-            for (int64_t bg = lo; bg < hi; ++bg) {  /* one (row, key/value head) pair: its rep query heads */
-                const int64_t b = bg / Hkv, g = bg % Hkv, S = positions[b] + 1;
-                const int64_t start = window > 0 && S > window ? S - window : 0;
-                const int64_t off = b * row_stride + g * max_len * hd;
-                attend_group(qkv + b * nqkv + g * rep * hd, kc + off, vc + off, rep, start, S, hd, scale,
-                             scores + bg * rep * smax, att + b * nq + g * rep * hd);
-            }
-            barrier_wait(&bar);
-            int4_team(att, B, nq, D, (const uint8_t *)tb[F_O], (const uint16_t *)tb[F_O_S], group, x, xq, dq, t, nt, &bar);
-            split_range(B, t, nt, &lo, &hi);
-            for (int64_t b = lo; b < hi; ++b) {
-                for (int64_t i = 0; i < D; ++i) h[b * D + i] += x[b * D + i];
-                rmsnorm(h + b * D, (const float *)tb[F_NORM2], D, eps, x + b * D);
-            }
-            barrier_wait(&bar);
-            int4_team(x, B, D, 2 * I, (const uint8_t *)tb[F_GU], (const uint16_t *)tb[F_GU_S], group, gu, xq, dq, t, nt, &bar);
-            split_range(B * I, t, nt, &lo, &hi);
-#pragma omp simd
-            for (int64_t e = lo; e < hi; ++e) {
-                const int64_t b = e / I, i = e % I;
-                const float g = gu[b * 2 * I + i];
-                act[e] = g / (1.f + vexpf(-g)) * gu[b * 2 * I + I + i];
-            }
-            barrier_wait(&bar);
-            int4_team(act, B, I, D, (const uint8_t *)tb[F_DOWN], (const uint16_t *)tb[F_DOWN_S], group, x, xq, dq, t, nt, &bar);
-            split_range(B * D, t, nt, &lo, &hi);
-            for (int64_t e = lo; e < hi; ++e) h[e] += x[e];
-            barrier_wait(&bar);
-        }
-    }
-    if (final_norm)
-        for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * D, final_norm, D, eps, out + b * D);
-    free(buf);
-    free(xq);
-    return 0;
-}
