@@ -216,3 +216,17 @@ def test_native_int4_long_inputs_take_the_dense_path() -> None:
     w = cpu_int4.library().dequantize_bf16(native.blocks, native.block_scales, 32)
     dense = (torch.nn.functional.linear(x.bfloat16(), w) + lin.bias.detach().bfloat16()).float()
     torch.testing.assert_close(a, dense, atol=0.05, rtol=0.02)
+
+
+def test_kernel_builds_where_a_compiler_exists() -> None:
+    """On x86-64 Linux with gcc (the project's machines, CI), the kernels build and are the default: the other tests
+    here skip without them, so this one fails instead of letting a broken build pass quietly."""
+    import platform
+    import shutil
+
+    import os
+
+    if platform.machine() != "x86_64" or shutil.which("gcc") is None or os.environ.get("MODELCORE_CPU_INT4", "1") == "0":
+        pytest.skip("no gcc on an x86-64 machine, or the kernels are switched off")
+    assert cpu_int4.library() is not None, "modelcore/csrc failed to build (see the log)"
+    assert cpu_int4.library().isa in ("avx512vnni", "avx2", "scalar")
