@@ -54,6 +54,22 @@ static inline float vexpf(float x) {
 
 /* Attention of the `rep` query heads that share one key/value head, over keys [start, S): each key row is read once
  * for all of them. q: rep * hd, o: rep * hd, sc: rep * S floats of scratch. */
+/* Softmax in place over [start, S) of each of the rep score rows (row r at sc + r * S). */
+static void softmax_rows(float *sc, int64_t rep, int64_t start, int64_t S) {
+    for (int64_t r = 0; r < rep; ++r) {
+        float *sr = sc + r * S, mx = -INFINITY, sum = 0.f;
+        for (int64_t s = start; s < S; ++s) mx = sr[s] > mx ? sr[s] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = start; s < S; ++s) {
+            sr[s] = vexpf(sr[s] - mx);
+            sum += sr[s];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t s = start; s < S; ++s) sr[s] *= inv;
+    }
+}
+
 #if defined(__AVX512F__)
 #define ATT_MAXV 16 /* query heads x head_dim / 16 held in registers */
 /* rep * hd <= 16 * ATT_MAXV, hd % 16 == 0: queries and outputs stay in registers while keys/values stream by. */
@@ -70,18 +86,7 @@ static void attend_group_avx512(const float *q, const float *kb, const float *vb
             sc[r * S + s] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
-    for (int64_t r = 0; r < rep; ++r) {
-        float *sr = sc + r * S, mx = -INFINITY, sum = 0.f;
-        for (int64_t s = start; s < S; ++s) mx = sr[s] > mx ? sr[s] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = start; s < S; ++s) {
-            sr[s] = vexpf(sr[s] - mx);
-            sum += sr[s];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t s = start; s < S; ++s) sr[s] *= inv;
-    }
+    softmax_rows(sc, rep, start, S);
     for (int64_t s = start; s < S; ++s) {
         const float *vs = vb + s * hd;
         for (int64_t j = 0; j < nv; ++j) {
@@ -111,18 +116,7 @@ static void attend_group(const float *q, const float *kb, const float *vb, int64
             sc[r * S + s] = dot * scale;
         }
     }
-    for (int64_t r = 0; r < rep; ++r) {
-        float *sr = sc + r * S, mx = -INFINITY, sum = 0.f;
-        for (int64_t s = start; s < S; ++s) mx = sr[s] > mx ? sr[s] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t s = start; s < S; ++s) {
-            sr[s] = vexpf(sr[s] - mx);
-            sum += sr[s];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t s = start; s < S; ++s) sr[s] *= inv;
-    }
+    softmax_rows(sc, rep, start, S);
     for (int64_t i = 0; i < rep * hd; ++i) o[i] = 0.f;
     for (int64_t s = start; s < S; ++s) {
         const float *vs = vb + s * hd;

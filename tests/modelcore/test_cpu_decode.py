@@ -139,3 +139,23 @@ def test_fused_rows_at_different_positions_match_torch() -> None:
             b = twin.forward_hidden(toks[:, None], positions=pos[:, None], cache=cb)
             torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
             pos = pos + 1
+
+
+@pytest.mark.parametrize("isa", cpu_int4.ISAS)
+def test_every_instruction_set_decodes_like_the_exact_build(isa: str) -> None:
+    """The AVX2 and plain-C builds (generic attention, their own matmuls) against the exact build on the same steps:
+    within the int8-activation rounding (2%)."""
+    from test_cpu_int4 import _kernel
+
+    kern = _kernel(isa)
+    model = _tiny(attention_bias=True)
+    ids = torch.randint(0, 512, (2, 16))
+    caches = [model.new_cache(2, 32), model.new_cache(2, 32)]
+    with torch.inference_mode():
+        for c in caches:
+            model.forward_hidden(ids[:, :8], cache=c)
+        ref, dec = FusedDecoder(model, caches[0], kernel=cpu_int4.load(cpu_int4.EXACT)), FusedDecoder(model, caches[1], kernel=kern)
+        for p in range(8, 16):
+            pos = torch.tensor([p, p])
+            a, b = dec.hidden(ids[:, p], pos), ref.hidden(ids[:, p], pos)
+            assert float((a - b).norm() / b.norm()) < 0.02
