@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 
 import torch
 
@@ -27,12 +28,16 @@ def _native(mod) -> bool:
     return getattr(mod, "kernel", None) == "native"
 
 
+def _enabled() -> bool:
+    return os.environ.get("MODELCORE_FUSED_DECODE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def supported(model) -> bool:
     """Whether `model`'s layers can run as one fused C step (see the module docstring)."""
     from modelcore.model import MLP, Attention
     from modelcore.quant import Int4Linear
 
-    if os.environ.get("MODELCORE_FUSED_DECODE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not _enabled():
         return False
     args = model.args
     if model.device.type != "cpu" or args.attention != "gqa" or args.hidden_act != "silu" or cpu_int4.library() is None:
@@ -91,13 +96,25 @@ class FusedDecoder:
         self.caches = torch.tensor(caches, dtype=torch.int64)
         self.row_stride = k0[0].numel()
         self.final_norm = model.model.norm.weight.detach().float().contiguous()
-        self._keep, self._cache = keep, cache
+        self._keep = keep
+        # the cache is held weakly (the slot below keeps decoders past their generate call); the C step writes into
+        # these very k/v tensors, so a decoder whose layers or tensors are gone or replaced is refused, not run
+        self._refs = [(weakref.ref(lc), weakref.ref(lc.k), weakref.ref(lc.v)) for lc in cache]
         fn = lib.lib.mc_llama_decode
         fn.restype = ctypes.c_int
         i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
         fn.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64, f32, i64, f32, ptr, ptr, ptr,
                        ptr, ptr, ptr, ctypes.c_int]
         self._fn = fn
+
+    def serves(self, cache: list) -> bool:
+        """True when `cache` is the very cache this decoder was built for, with the same k/v tensors."""
+        if len(cache) != len(self._refs):
+            return False
+        for lc, (rc, rk, rv) in zip(cache, self._refs):
+            if rc() is not lc or rk() is not lc.k or rv() is not lc.v:
+                return False
+        return True
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
         """Final-norm hidden states (B, 1, D) float32 of `tokens` (B,) at `positions` (B,) (cache rows 0..B-1);
@@ -111,6 +128,9 @@ class FusedDecoder:
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0 or hi >= min(self.max_len, self.cos.shape[0]):
             raise ValueError(f"positions {lo}..{hi} outside the cache ({self.max_len}) or the RoPE table ({self.cos.shape[0]})")
+        layers = [rc() for rc, _, _ in self._refs]
+        if any(lc is None for lc in layers) or not self.serves(layers):
+            raise RuntimeError("the KV cache this decoder was built for is gone or its tensors were replaced")
         h = self.model.model.embed_tokens(tokens.view(b, 1)).float().contiguous().view(b, d)
         out = torch.empty(b, d, dtype=torch.float32)
         rc = self._fn(self.table.data_ptr(), self.caches.data_ptr(), self.table.shape[0], b, d, hq, hkv, hd, inter, group,
@@ -136,7 +156,7 @@ class _Slot:
     KEEP = 16  # an Engine decodes over one view of its cache per active-row count
 
     def __init__(self) -> None:
-        self.decs: dict[int, FusedDecoder] = {}
+        self.decs: dict[int, tuple] = {}  # id(cache[0]) -> (weakref to cache[0], decoder or None: the torch path)
 
     def __deepcopy__(self, memo: dict) -> "_Slot":
         return _Slot()
@@ -146,13 +166,20 @@ class _Slot:
 
 
 def fused_decoder(model, cache: list) -> FusedDecoder | None:
-    """The FusedDecoder for this (model, cache), built once per cache; None when the model does not fit."""
-    if not cache or not supported(model):
+    """The FusedDecoder for this (model, cache), or None when the model does not fit; decided and built once per
+    cache (a generate call's own, or an Engine's view of its rows), not on every decoding step. The slot holds its
+    caches weakly (by their first layer), so a finished generate call's cache is freed, and its decoder, which
+    points into it, is never matched again."""
+    if not cache or not _enabled():
         return None
     slot = model.__dict__.setdefault("_fused_decoder", _Slot())
-    dec = slot.decs.get(id(cache))
-    if dec is None or dec._cache is not cache:
-        while len(slot.decs) >= slot.KEEP:
-            slot.decs.pop(next(iter(slot.decs)))
-        dec = slot.decs[id(cache)] = FusedDecoder(model, cache)
+    key = id(cache[0])
+    entry = slot.decs.get(key)
+    if entry is not None and entry[0]() is cache[0] and (entry[1].serves(cache) if entry[1] is not None else True):
+        return entry[1]
+    slot.decs.pop(key, None)
+    while len(slot.decs) >= slot.KEEP:
+        slot.decs.pop(next(iter(slot.decs)))
+    dec = FusedDecoder(model, cache) if supported(model) else None
+    slot.decs[key] = (weakref.ref(cache[0]), dec)
     return dec

@@ -80,7 +80,7 @@ def test_generate_takes_the_fused_step() -> None:
     ids = torch.randint(0, 512, (1, 7))
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=24)
-        assert model.__dict__["_fused_decoder"].decs
+        assert any(e[1] is not None for e in model.__dict__["_fused_decoder"].decs.values())
         cache = model.new_cache(1, 31)
         logits = model.lm_head(model.forward_hidden(ids, cache=cache)[:, -1])
         dec = FusedDecoder(model, cache)
@@ -94,6 +94,26 @@ def test_generate_takes_the_fused_step() -> None:
     assert out[0, 7:].tolist() == toks
 
 
+def test_decoders_do_not_keep_finished_caches_alive() -> None:
+    """The model's slot holds caches weakly: once a generate call's cache is gone, nothing keeps its memory; a
+    decoder whose cache tensors were replaced is rebuilt, and the stale one refuses to run."""
+    import gc
+    import weakref
+
+    model = _tiny()
+    cache = model.new_cache(1, 16)
+    assert fused_decoder(model, cache) is fused_decoder(model, cache)  # built once per cache
+    dec = fused_decoder(model, cache)
+    cache[0].select_rows(torch.tensor([0]))  # new k/v tensors: the old decoder must not write into freed memory
+    assert fused_decoder(model, cache) is not dec
+    with pytest.raises(RuntimeError, match="gone or its tensors were replaced"):
+        dec.hidden(torch.tensor([1]), [0])
+    probe = weakref.ref(cache[0].k)
+    del cache
+    gc.collect()
+    assert probe() is None
+
+
 def test_unsupported_models_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=256, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, inter_dim=128, max_position_embeddings=64)
@@ -105,7 +125,8 @@ def test_unsupported_models_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("MODELCORE_FUSED_DECODE", "0")
     assert not supported(model)
     monkeypatch.delenv("MODELCORE_FUSED_DECODE")
-    dec = fused_decoder(model, model.new_cache(1, 16))
+    cache1 = model.new_cache(1, 16)
+    dec = fused_decoder(model, cache1)
     with pytest.raises(ValueError, match="outside the cache"):
         dec.hidden(torch.tensor([1]), [16])
     with pytest.raises(ValueError, match="cache rows"):
