@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcore import triton_attention, triton_mlp
 from modelcore.args import ModelArgs
 from modelcore.cache import KVCache
 from modelcore.rope import RotaryEmbedding, apply_rotary
@@ -37,6 +38,47 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layer's weight on a side stream during a long prefill was tried and measured slower on an H200: 88.9 vs 85.4 ms
     for a 4096-token prefill's 28 layers of int4 linears, the GEMMs not sharing the GPU with it.)"""
     return mod(x)
+
+
+def _cuda_int4(mod: nn.Module) -> bool:
+    """A CUDA int4 linear in our Triton layout (modelcore/triton_int4.py)."""
+    packed = getattr(mod, "packed", None)
+    return (isinstance(packed, torch.Tensor) and packed.is_cuda and packed.dtype == torch.uint8
+            and getattr(mod, "kernel", None) == "packed")
+
+
+def _cuda_fusable(x: torch.Tensor) -> bool:
+    """GPU fused paths (Triton kernels) run on 16-bit CUDA activations; float32 keeps the reference ops."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def linear_residual(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + mod(x). On CUDA one kernel: the int4 GEMV adds the residual before its rounding, dequantize + GEMM
+    and bf16 GEMMs take it as the accumulator input (addmm); under torch.compile the add is left to Inductor."""
+    if _cuda_int4(mod):
+        y = torch.ops.modelcore.int4_linear(x.reshape(-1, mod.in_features), mod.packed, mod.scales_and_zeros, mod.bias,
+                                            mod.group_size, residual.reshape(-1, mod.out_features))
+        return y.view(residual.shape).to(residual.dtype)
+    if (isinstance(mod, nn.Linear) and mod.bias is None and x.dtype == mod.weight.dtype == residual.dtype
+            and not torch.compiler.is_compiling()):
+        y = torch.addmm(residual.reshape(-1, mod.out_features), x.reshape(-1, mod.in_features), mod.weight.t())
+        return y.view(residual.shape)
+    return residual + linear(mod, x)
+
+
+def gate_up_silu(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate(x)) * up(x) of a fused [gate; up] linear on CUDA: for CUDA int4 one op (one row: the GEMV with the
+    activation in its epilogue), else the GEMM and one activation kernel (modelcore/triton_mlp.py); under
+    torch.compile the activation is left to Inductor."""
+    if _cuda_int4(mod):
+        h = torch.ops.modelcore.int4_gate_up_silu(x.reshape(-1, mod.in_features), mod.packed, mod.scales_and_zeros,
+                                                  mod.bias, mod.group_size)
+        return h.view(*x.shape[:-1], mod.out_features // 2).to(x.dtype)
+    gu = linear(mod, x)
+    if torch.compiler.is_compiling():
+        gate, up = gu.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return torch.ops.modelcore.silu_mul(gu.reshape(-1, gu.shape[-1])).view(*gu.shape[:-1], gu.shape[-1] // 2)
 
 
 def dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -112,6 +154,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=args.o_bias)
         self.rotary = RotaryEmbedding(self.head_dim, args.rope_theta, args.max_position_embeddings, args.rope_scaling)
+        self.window = args.sliding_window
+        self.fused_cuda = True  # CUDA: Triton decode attention and RoPE (modelcore/triton_attention.py) where they apply
 
     def new_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
         """Allocate this layer's KV cache: float32 for 16-bit models on a CPU, at twice the cache memory, because CPU
@@ -145,20 +189,41 @@ class Attention(nn.Module):
         v = linear(self.v_proj, x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         return q, k, v
 
+    def _fused_decode(self, x: torch.Tensor, cache: LayerCache | None, rope) -> bool:
+        """One Triton op for RoPE, the cache write and the attention of a decode step (see triton_attention)."""
+        return (self.fused_cuda and rope is not None and x.shape[1] == 1 and _cuda_fusable(x)
+                and isinstance(cache, KVCache) and cache.k.dtype == x.dtype and cache.v.dtype == x.dtype
+                and hasattr(self, "qkv_proj") and not self.naive and self.window is None
+                and self.head_dim & (self.head_dim - 1) == 0 and self.head_dim <= 256 and triton_attention.available())
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
                 mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (B,T,D), positions (B,T), mask (B,1,T,S) (True = may attend); rope: (cos, sin) for `positions` if precomputed.
 
         causal=True: every row holds positions 0..T-1 (unpadded prompt from the start): mask is ignored and SDPA runs
         its causal kernel (flash attention on CUDA) over the new keys only.
+        residual (B,T,dim): returned plus the output (CUDA: added by the output projection's kernel).
+        On CUDA with 16-bit activations a decode step (T == 1, GQA cache, fused qkv) runs RoPE, the cache write and
+        the attention as one Triton op, which reads the causal mask off the positions (slots <= position).
         """
         b, t, _ = x.shape
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
+        if self._fused_decode(x, cache, rope):
+            qkv = linear(self.qkv_proj, x).view(b, -1)  # (B, (H + 2 Hkv) D)
+            out = torch.ops.modelcore.decode_attention(qkv, cos.reshape(b, -1), sin.reshape(b, -1), positions.reshape(b),
+                                                       cache.k, cache.v, self.n_heads, self.n_kv_heads, self.scale)
+            return self._out(out.view(b, 1, -1), residual)
         if hasattr(self, "qkv_proj"):  # q and k heads are adjacent in the fused output: rotate them in one go
-            qkv = linear(self.qkv_proj, x).view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+            y = linear(self.qkv_proj, x)  # (B, T, (H + 2 Hkv) D)
+            qkv = y.view(b, t, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
             hqk = self.n_heads + self.n_kv_heads
-            q, k = apply_rotary(qkv[:, :hqk], cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
+            if self.fused_cuda and _cuda_fusable(x) and t > 1 and triton_attention.available():  # one pass, float32 maths
+                qk = torch.ops.modelcore.rope_qk(y.view(b * t, -1), cos.reshape(b * t, -1), sin.reshape(b * t, -1), hqk,
+                                                 self.head_dim).view(b, t, hqk, self.head_dim).transpose(1, 2)
+                q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)  # (B, H|Hkv, T, D)
+            else:
+                q, k = apply_rotary(qkv[:, :hqk], cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)
             v = qkv[:, hqk:]  # (B, Hkv, T, D)
         else:
             q, k, v = self._qkv(x)
@@ -167,7 +232,7 @@ class Attention(nn.Module):
             if cache is not None:
                 cache.write_prefix(k, v)  # positions are 0..T-1 in every row
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_rep > 1)
-            return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            return self._out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), residual)
         if cache is not None:
             k_all, v_all = cache.update(positions, k, v)
             s = mask.shape[-1] if mask is not None else cache.max_len
@@ -181,7 +246,13 @@ class Attention(nn.Module):
             out = out.to(q.dtype)
         else:  # the cache may be float32 while activations are bf16 (see new_cache)
             out = attention(q.to(k.dtype), k, v, mask, self.scale, naive=self.naive).to(q.dtype)  # (B, H, T, D)
-        return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self._out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), residual)
+
+    def _out(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """o_proj(out) (B, T, dim), plus residual when given."""
+        if residual is None:
+            return linear(self.o_proj, out)
+        return linear_residual(self.o_proj, out, residual)
 
     def unfused_linears(self) -> dict[str, nn.Module]:
         """Float q/k/v_proj split out of a fused qkv_proj (for saving in the checkpoint's layout)."""
@@ -198,6 +269,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, inter_dim, bias=bias)
         self.down_proj = nn.Linear(inter_dim, dim, bias=bias)
         self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}[act]
+        self.fused_cuda = True  # CUDA: silu * up in one kernel (the int4 GEMV's epilogue for one row), residual fused
 
     def fuse(self) -> bool:
         """Replace gate/up_proj by one `gate_up_proj`. False if the modules cannot be concatenated."""
@@ -212,11 +284,20 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., dim) -> (..., dim); residual: returned plus the output (CUDA: added by down_proj's kernel)."""
         if hasattr(self, "gate_up_proj"):
-            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # (..., I) each
-            return linear(self.down_proj, self.act(gate) * up)
-        return linear(self.down_proj, self.act(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+            if (self.fused_cuda and self.act is F.silu and _cuda_fusable(x)
+                    and (triton_mlp.available() or torch.compiler.is_compiling())):
+                h = gate_up_silu(self.gate_up_proj, x)  # (..., I)
+            else:
+                gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # (..., I) each
+                h = self.act(gate) * up
+        else:
+            h = self.act(linear(self.gate_proj, x)) * linear(self.up_proj, x)
+        if residual is None:
+            return linear(self.down_proj, h)
+        return linear_residual(self.down_proj, h, residual)
 
     def unfused_linears(self) -> dict[str, nn.Module]:
         """Float gate/up_proj split out of a fused gate_up_proj."""
@@ -267,6 +348,7 @@ class Block(nn.Module):
         self.mlp = make_ffn(args, layer_id)
         self.input_layernorm = RMSNorm(args.dim, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.fused_cuda = True  # CUDA, 16-bit: residual adds inside the output projections' kernels
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None, mask: torch.Tensor | None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, causal: bool = False) -> torch.Tensor:
@@ -274,6 +356,10 @@ class Block(nn.Module):
         causal: see Attention.forward (GQA layers only; given together with rope)."""
         if rope is None:
             x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask)
+        elif self.fused_cuda and _cuda_fusable(x) and isinstance(self.self_attn, Attention) and isinstance(self.mlp, MLP):
+            # CUDA: the residual adds happen inside the output projections' kernels (see linear_residual)
+            x = self.self_attn(self.input_layernorm(x), positions, cache, mask, rope=rope, causal=causal, residual=x)
+            return self.mlp(self.post_attention_layernorm(x), residual=x)
         else:
             x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask, rope=rope, causal=causal)
         return x + self.mlp(self.post_attention_layernorm(x))

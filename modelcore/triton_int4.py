@@ -20,6 +20,9 @@ CUDA graphs see one opaque op.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -82,12 +85,19 @@ if triton is not None:
             v = w >> (4 * S - 16)  # arithmetic shift: the sign bits land above bit 19 and are masked off
         return ((v & 0xF0000) | one).to(tl.float32, bitcast=True)
 
-    @triton.jit
-    def _load_i32(ptrs):
-        """Elementwise 4-byte load that keeps the layout of `ptrs` (a tl.load gets a coalesced layout of its own, and
-        converting the scales into the weights' layout would cost a shared-memory round trip and a barrier per step)."""
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
-                                         pack=1)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (kernel tests without a GPU): no PTX
+
+        @triton.jit
+        def _load_i32(ptrs):
+            return tl.load(ptrs)
+    else:
+
+        @triton.jit
+        def _load_i32(ptrs):
+            """Elementwise 4-byte load that keeps the layout of `ptrs` (a tl.load gets a coalesced layout of its own, and
+            converting the scales into the weights' layout would cost a shared-memory round trip and a barrier per step)."""
+            return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=True,
+                                             pack=1)
 
     @triton.jit
     def _load_x(xp, xoff):
@@ -98,8 +108,39 @@ if triton is not None:
                 tl.load(xp + 24 + xoff).to(tl.float32), tl.load(xp + 28 + xoff).to(tl.float32))
 
     @triton.jit
-    def _row_step(w, a, c, x0, x1, x2, x3, x4, x5, x6, x7, one, BN: tl.constexpr, BB: tl.constexpr):
-        """(BN, BB): sum over each block of w * x = a * sum(f * x) + c * sum(x), for one row of x."""
+    def _hi(v, one):
+        """1 + code/128 for the nibble at bits 16..19 of v (exact)."""
+        return ((v & 0xF0000) | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _lo(v, one):
+        """1 + code/2048 for the nibble at bits 12..15 of v (exact; the float32 sums keep ~2^-13 of its products)."""
+        return ((v & 0xF000) | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _row_step(w, a, c, x0, x1, x2, x3, x4, x5, x6, x7, one, BN: tl.constexpr, BB: tl.constexpr,
+                  FAST: tl.constexpr):
+        """(BN, BB): sum over each block of w * x = a * sum(f * x) + c * sum(x), for one row of x.
+        FAST: four shifts per word instead of seven. Even nibbles are read at bits 16..19 (f = 1 + code/128: w << 16,
+        w << 8, w, w >> 8), odd ones at bits 12..15 (f = 1 + code/2048: w << 8, w, w >> 8, w >> 16), so
+        sum(code * x) = 128 (P - sum(x) - 15 sum(x_odd)) with P = sum(f_even x) + 16 sum(f_odd x)."""
+        xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        q = tl.sum(tl.reshape(tl.broadcast_to(xs[None, :], (BN, BB * 4)), (BN, BB, 4)), axis=2)
+        if FAST:
+            wl = w << 8
+            wr = w >> 8  # arithmetic shifts: the sign bits land above the bits read
+            ph = _hi(w << 16, one) * x0[None, :]
+            pl = _lo(wl, one) * x1[None, :]
+            ph = ph + _hi(wl, one) * x2[None, :]
+            pl = pl + _lo(w, one) * x3[None, :]
+            ph = ph + _hi(w, one) * x4[None, :]
+            pl = pl + _lo(wr, one) * x5[None, :]
+            ph = ph + _hi(wr, one) * x6[None, :]
+            pl = pl + _lo(w >> 16, one) * x7[None, :]
+            p = tl.sum(tl.reshape(ph + 16.0 * pl, (BN, BB, 4)), axis=2)
+            xo = (x1 + x3) + (x5 + x7)
+            qo = tl.sum(tl.reshape(tl.broadcast_to(xo[None, :], (BN, BB * 4)), (BN, BB, 4)), axis=2)
+            return a * (p - 15.0 * qo) + c * q
         part = _nibble_as_float(w, 0, one) * x0[None, :]  # one FMA per nibble: a chain, not a tree
         part = part + _nibble_as_float(w, 1, one) * x1[None, :]
         part = part + _nibble_as_float(w, 2, one) * x2[None, :]
@@ -108,25 +149,64 @@ if triton is not None:
         part = part + _nibble_as_float(w, 5, one) * x5[None, :]
         part = part + _nibble_as_float(w, 6, one) * x6[None, :]
         part = part + _nibble_as_float(w, 7, one) * x7[None, :]
-        xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
         p = tl.sum(tl.reshape(part, (BN, BB, 4)), axis=2)  # the 4 words of a block are in one thread
-        q = tl.sum(tl.reshape(tl.broadcast_to(xs[None, :], (BN, BB * 4)), (BN, BB, 4)), axis=2)
         return a * p + c * q
 
     @triton.jit
-    def _other_row(w, a, c, xp, xoff, one, BN: tl.constexpr, BB: tl.constexpr):
+    def _other_row(w, a, c, xp, xoff, one, BN: tl.constexpr, BB: tl.constexpr, FAST: tl.constexpr):
         x0, x1, x2, x3, x4, x5, x6, x7 = _load_x(xp, xoff)
-        return _row_step(w, a, c, x0, x1, x2, x3, x4, x5, x6, x7, one, BN, BB)
+        return _row_step(w, a, c, x0, x1, x2, x3, x4, x5, x6, x7, one, BN, BB, FAST)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, one,
+    def _scale_terms(sz):
+        """a = 128 scale, c = zero - 136 scale from the (scale, zero) bf16 pair read as one int32."""
+        sc = (sz << 16).to(tl.float32, bitcast=True)
+        zr = (sz & -65536).to(tl.float32, bitcast=True)
+        return 128.0 * sc, zr - 136.0 * sc
+
+    @triton.jit
+    def _store_row(y_ptr, v, bias, r_ptr, m, M, rn, nmask, N, stride_rm, HAS_RES: tl.constexpr):
+        """Row m of y (bf16): the row's sums v (BN,) + bias (+ residual row m), rounded once."""
+        v = v + bias
+        if HAS_RES:
+            v += tl.load(r_ptr + m * stride_rm + rn, mask=nmask & (M > m), other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + rn, v.to(tl.bfloat16), mask=nmask & (M > m))
+
+    @triton.jit
+    def _split_total(ws_ptr, off, kstride, mask, KS):
+        """Sum over the KS partials at ws_ptr + k * kstride + off, in order (read from L2: other programs wrote them)."""
+        acc = tl.load(ws_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+        for k in range(1, KS):
+            acc += tl.load(ws_ptr + k * kstride + off, mask=mask, other=0.0, cache_modifier=".cg")
+        return acc
+
+    @triton.jit
+    def _store_gated(y_ptr, g, u, b_ptr, r_ptr, rn, rnc, nmask, N, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+        """y = silu(g + bias) * (u + bias') (+ residual), rounded once."""
+        if HAS_BIAS:
+            g += tl.load(b_ptr + rnc)
+            u += tl.load(b_ptr + N + rnc)
+        v = g / (1.0 + tl.exp(-g)) * u
+        if HAS_RES:
+            v += tl.load(r_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, v.to(tl.bfloat16), mask=nmask)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NW, K, stride_xm, stride_wn,
+                     stride_rm, one, KS,
                      GROUP: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, KS: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr, GATED: tl.constexpr,
+                     HAS_RES: tl.constexpr, FAST: tl.constexpr, SEM: tl.constexpr):
         """y (M, N) = x (M, K) @ w^T for M <= MB (1, 2, 4 or 8): program pid takes output rows [pid*BN, +BN) over
         all of K, BB blocks (BB * 16 bytes of each row) per step; the weights are read once for all M rows. The next
         step's weights, scales and first row of x load while a step computes (weights PREFETCH steps ahead).
-        KS > 1: program (pid, k) takes the k-th of KS ranges of steps and stores float32 partial sums (KS, M, N) to
-        y_ptr, added up with the bias by _split_sum_kernel (more programs for few rows and long K)."""
+        NW: rows of the weight (the scales' row stride). GATED (MB = 1): the weight is [gate; up]
+        (NW = 2N) and y = silu(x @ gate^T + b) * (x @ up^T + b'), each program reading its rows of both halves.
+        HAS_RES: y += r (M, N) before the rounding.
+        SPLIT (KS > 1): program (pid, k) takes the k-th of KS ranges of steps and stores float32 partial sums (KS, M, NW) to
+        ws_ptr. SEM: then it counts itself in at cnt_ptr[pid] (acq_rel atomic after a barrier), and the last of the
+        KS programs of the row tile adds the partials up in order (deterministic), finishes y and resets the counter
+        to 0; else _split_sum_kernel adds them up in a second launch."""
         pid = tl.program_id(0)
         rn = pid * BN + tl.arange(0, BN)
         rnc = tl.minimum(rn, N - 1)  # clamped rows: unmasked loads; the stores are masked
@@ -135,6 +215,8 @@ if triton is not None:
         rb = tl.arange(0, BB)
         wp = w_ptr + rnc[:, None] * stride_wn + j[None, :]  # (BN, BB*4) int32
         szp = sz_ptr + rnc[:, None]
+        wpu = wp + N * stride_wn  # GATED: the up half's rows
+        szpu = szp + N
         x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm  # rows past M read row M-1 and are not stored
         x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm
         x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm
@@ -150,35 +232,52 @@ if triton is not None:
         acc5 = tl.zeros((BN, BB), dtype=tl.float32)
         acc6 = tl.zeros((BN, BB), dtype=tl.float32)
         acc7 = tl.zeros((BN, BB), dtype=tl.float32)
+        accu = tl.zeros((BN, BB), dtype=tl.float32)
         steps = K // 32 // BB
         first = (tl.program_id(1) * steps // KS) * BB  # this program's blocks [first, end)
         end = ((tl.program_id(1) + 1) * steps // KS) * BB
         w = tl.load(wp + first * 4, eviction_policy="evict_first")
         if PREFETCH == 2:
             w1 = tl.load(wp + tl.minimum(first + BB, end - BB) * 4, eviction_policy="evict_first")
-        sz = _load_i32(szp + ((first + rb) // (GROUP // 32))[None, :] * N)  # (BN, BB): bf16 scale (low), zero (high)
+        sz = _load_i32(szp + ((first + rb) // (GROUP // 32))[None, :] * NW)  # (BN, BB): bf16 scale (low), zero (high)
+        wu = w
+        szu = sz
+        if GATED:
+            wu = tl.load(wpu + first * 4, eviction_policy="evict_first")
+            if PREFETCH == 2:
+                wu1 = tl.load(wpu + tl.minimum(first + BB, end - BB) * 4, eviction_policy="evict_first")
+            szu = _load_i32(szpu + ((first + rb) // (GROUP // 32))[None, :] * NW)
         y0, y1, y2, y3, y4, y5, y6, y7 = _load_x(x_ptr + first * 32, xoff)
         for b0 in range(first, end, BB):
             nb = tl.minimum(b0 + BB, end - BB)  # the next step (the last step reloads itself)
             w_next = tl.load(wp + tl.minimum(b0 + PREFETCH * BB, end - BB) * 4, eviction_policy="evict_first")
-            sz_next = _load_i32(szp + ((nb + rb) // (GROUP // 32))[None, :] * N)
+            sz_next = _load_i32(szp + ((nb + rb) // (GROUP // 32))[None, :] * NW)
+            if GATED:
+                wu_next = tl.load(wpu + tl.minimum(b0 + PREFETCH * BB, end - BB) * 4, eviction_policy="evict_first")
+                szu_next = _load_i32(szpu + ((nb + rb) // (GROUP // 32))[None, :] * NW)
             n0, n1, n2, n3, n4, n5, n6, n7 = _load_x(x_ptr + nb * 32, xoff)
-            sc = (sz << 16).to(tl.float32, bitcast=True)
-            zr = (sz & -65536).to(tl.float32, bitcast=True)
-            a = 128.0 * sc
-            c = zr - 136.0 * sc
+            a, c = _scale_terms(sz)
             xo = b0 * 32
-            acc0 += _row_step(w, a, c, y0, y1, y2, y3, y4, y5, y6, y7, one, BN, BB)
+            acc0 += _row_step(w, a, c, y0, y1, y2, y3, y4, y5, y6, y7, one, BN, BB, FAST)
+            if GATED:
+                au, cu = _scale_terms(szu)
+                accu += _row_step(wu, au, cu, y0, y1, y2, y3, y4, y5, y6, y7, one, BN, BB, FAST)
+                if PREFETCH == 2:
+                    wu = wu1
+                    wu1 = wu_next
+                else:
+                    wu = wu_next
+                szu = szu_next
             if MB > 1:
-                acc1 += _other_row(w, a, c, x1 + xo, xoff, one, BN, BB)
+                acc1 += _other_row(w, a, c, x1 + xo, xoff, one, BN, BB, FAST)
             if MB > 2:
-                acc2 += _other_row(w, a, c, x2 + xo, xoff, one, BN, BB)
-                acc3 += _other_row(w, a, c, x3 + xo, xoff, one, BN, BB)
+                acc2 += _other_row(w, a, c, x2 + xo, xoff, one, BN, BB, FAST)
+                acc3 += _other_row(w, a, c, x3 + xo, xoff, one, BN, BB, FAST)
             if MB > 4:
-                acc4 += _other_row(w, a, c, x4 + xo, xoff, one, BN, BB)
-                acc5 += _other_row(w, a, c, x5 + xo, xoff, one, BN, BB)
-                acc6 += _other_row(w, a, c, x6 + xo, xoff, one, BN, BB)
-                acc7 += _other_row(w, a, c, x7 + xo, xoff, one, BN, BB)
+                acc4 += _other_row(w, a, c, x4 + xo, xoff, one, BN, BB, FAST)
+                acc5 += _other_row(w, a, c, x5 + xo, xoff, one, BN, BB, FAST)
+                acc6 += _other_row(w, a, c, x6 + xo, xoff, one, BN, BB, FAST)
+                acc7 += _other_row(w, a, c, x7 + xo, xoff, one, BN, BB, FAST)
             if PREFETCH == 2:
                 w = w1
                 w1 = w_next
@@ -187,45 +286,101 @@ if triton is not None:
             sz = sz_next
             y0, y1, y2, y3, y4, y5, y6, y7 = n0, n1, n2, n3, n4, n5, n6, n7
         nmask = rn < N
-        if KS > 1:  # float32 partial sums, row m of split k at y_ptr + (k * M + m) * N
-            yp = y_ptr + tl.program_id(1) * M * N + rn
+        if SPLIT:  # float32 partial sums, row m of split k at ws_ptr + (k * M + m) * NW (GATED: up at + N)
+            yp = ws_ptr + tl.program_id(1) * M * NW + rn
             tl.store(yp, tl.sum(acc0, axis=1), mask=nmask)
+            if GATED:
+                tl.store(yp + N, tl.sum(accu, axis=1), mask=nmask)
             if MB > 1:
-                tl.store(yp + N, tl.sum(acc1, axis=1), mask=nmask & (M > 1))
+                tl.store(yp + NW, tl.sum(acc1, axis=1), mask=nmask & (M > 1))
             if MB > 2:
-                tl.store(yp + 2 * N, tl.sum(acc2, axis=1), mask=nmask & (M > 2))
-                tl.store(yp + 3 * N, tl.sum(acc3, axis=1), mask=nmask & (M > 3))
+                tl.store(yp + 2 * NW, tl.sum(acc2, axis=1), mask=nmask & (M > 2))
+                tl.store(yp + 3 * NW, tl.sum(acc3, axis=1), mask=nmask & (M > 3))
             if MB > 4:
-                tl.store(yp + 4 * N, tl.sum(acc4, axis=1), mask=nmask & (M > 4))
-                tl.store(yp + 5 * N, tl.sum(acc5, axis=1), mask=nmask & (M > 5))
-                tl.store(yp + 6 * N, tl.sum(acc6, axis=1), mask=nmask & (M > 6))
-                tl.store(yp + 7 * N, tl.sum(acc7, axis=1), mask=nmask & (M > 7))
+                tl.store(yp + 4 * NW, tl.sum(acc4, axis=1), mask=nmask & (M > 4))
+                tl.store(yp + 5 * NW, tl.sum(acc5, axis=1), mask=nmask & (M > 5))
+                tl.store(yp + 6 * NW, tl.sum(acc6, axis=1), mask=nmask & (M > 6))
+                tl.store(yp + 7 * NW, tl.sum(acc7, axis=1), mask=nmask & (M > 7))
+            if SEM:
+                tl.debug_barrier()  # every thread's partials stored before the release below
+                arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+                if arrived == KS - 1:  # the last program of this row tile
+                    kst = M * NW
+                    if GATED:
+                        _store_gated(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS),
+                                     _split_total(ws_ptr, rn + N, kst, nmask, KS), b_ptr, r_ptr, rn, rnc, nmask, N,
+                                     HAS_BIAS, HAS_RES)
+                    else:
+                        bias = tl.zeros((BN,), dtype=tl.float32)
+                        if HAS_BIAS:
+                            bias = tl.load(b_ptr + rnc)
+                        _store_row(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS), bias, r_ptr, 0, M, rn, nmask, N,
+                                   stride_rm, HAS_RES)
+                        if MB > 1:
+                            _store_row(y_ptr, _split_total(ws_ptr, NW + rn, kst, nmask & (M > 1), KS), bias, r_ptr, 1,
+                                       M, rn, nmask, N, stride_rm, HAS_RES)
+                        if MB > 2:
+                            _store_row(y_ptr, _split_total(ws_ptr, 2 * NW + rn, kst, nmask & (M > 2), KS), bias, r_ptr,
+                                       2, M, rn, nmask, N, stride_rm, HAS_RES)
+                            _store_row(y_ptr, _split_total(ws_ptr, 3 * NW + rn, kst, nmask & (M > 3), KS), bias, r_ptr,
+                                       3, M, rn, nmask, N, stride_rm, HAS_RES)
+                        if MB > 4:
+                            _store_row(y_ptr, _split_total(ws_ptr, 4 * NW + rn, kst, nmask & (M > 4), KS), bias, r_ptr,
+                                       4, M, rn, nmask, N, stride_rm, HAS_RES)
+                            _store_row(y_ptr, _split_total(ws_ptr, 5 * NW + rn, kst, nmask & (M > 5), KS), bias, r_ptr,
+                                       5, M, rn, nmask, N, stride_rm, HAS_RES)
+                            _store_row(y_ptr, _split_total(ws_ptr, 6 * NW + rn, kst, nmask & (M > 6), KS), bias, r_ptr,
+                                       6, M, rn, nmask, N, stride_rm, HAS_RES)
+                            _store_row(y_ptr, _split_total(ws_ptr, 7 * NW + rn, kst, nmask & (M > 7), KS), bias, r_ptr,
+                                       7, M, rn, nmask, N, stride_rm, HAS_RES)
+                    tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch
+        elif GATED:
+            _store_gated(y_ptr, tl.sum(acc0, axis=1), tl.sum(accu, axis=1), b_ptr, r_ptr, rn, rnc, nmask, N, HAS_BIAS,
+                         HAS_RES)
         else:
             bias = tl.zeros((BN,), dtype=tl.float32)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + rnc)
-            tl.store(y_ptr + rn, (tl.sum(acc0, axis=1) + bias).to(tl.bfloat16), mask=nmask)
+            _store_row(y_ptr, tl.sum(acc0, axis=1), bias, r_ptr, 0, M, rn, nmask, N, stride_rm, HAS_RES)
             if MB > 1:
-                tl.store(y_ptr + N + rn, (tl.sum(acc1, axis=1) + bias).to(tl.bfloat16), mask=nmask & (M > 1))
+                _store_row(y_ptr, tl.sum(acc1, axis=1), bias, r_ptr, 1, M, rn, nmask, N, stride_rm, HAS_RES)
             if MB > 2:
-                tl.store(y_ptr + 2 * N + rn, (tl.sum(acc2, axis=1) + bias).to(tl.bfloat16), mask=nmask & (M > 2))
-                tl.store(y_ptr + 3 * N + rn, (tl.sum(acc3, axis=1) + bias).to(tl.bfloat16), mask=nmask & (M > 3))
+                _store_row(y_ptr, tl.sum(acc2, axis=1), bias, r_ptr, 2, M, rn, nmask, N, stride_rm, HAS_RES)
+                _store_row(y_ptr, tl.sum(acc3, axis=1), bias, r_ptr, 3, M, rn, nmask, N, stride_rm, HAS_RES)
             if MB > 4:
-                tl.store(y_ptr + 4 * N + rn, (tl.sum(acc4, axis=1) + bias).to(tl.bfloat16), mask=nmask & (M > 4))
-                tl.store(y_ptr + 5 * N + rn, (tl.sum(acc5, axis=1) + bias).to(tl.bfloat16), mask=nmask & (M > 5))
-                tl.store(y_ptr + 6 * N + rn, (tl.sum(acc6, axis=1) + bias).to(tl.bfloat16), mask=nmask & (M > 6))
-                tl.store(y_ptr + 7 * N + rn, (tl.sum(acc7, axis=1) + bias).to(tl.bfloat16), mask=nmask & (M > 7))
+                _store_row(y_ptr, tl.sum(acc4, axis=1), bias, r_ptr, 4, M, rn, nmask, N, stride_rm, HAS_RES)
+                _store_row(y_ptr, tl.sum(acc5, axis=1), bias, r_ptr, 5, M, rn, nmask, N, stride_rm, HAS_RES)
+                _store_row(y_ptr, tl.sum(acc6, axis=1), bias, r_ptr, 6, M, rn, nmask, N, stride_rm, HAS_RES)
+                _store_row(y_ptr, tl.sum(acc7, axis=1), bias, r_ptr, 7, M, rn, nmask, N, stride_rm, HAS_RES)
 
     @triton.jit
-    def _split_sum_kernel(part_ptr, b_ptr, y_ptr, MN, N, KS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """y (M*N,) bf16 = sum over KS of the partials (KS, M*N) float32 (+ bias (N,))."""
+    def _split_sum_kernel(part_ptr, b_ptr, r_ptr, y_ptr, MN, N, stride_rm, KS, HAS_BIAS: tl.constexpr,
+                          HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+        """y (M*N,) bf16 = sum over KS of the partials (KS, M, NW) float32 (+ bias) (+ residual (M, N)); GATED
+        (NW = 2N): y = silu(gate sums) * (up sums)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < MN
-        acc = tl.load(part_ptr + i, mask=mask, other=0.0)
-        for k in tl.static_range(1, KS):
-            acc += tl.load(part_ptr + k * MN + i, mask=mask, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + i % N, mask=mask, other=0.0)
+        m = i // N
+        n = i % N
+        if GATED:
+            pi = m * 2 * N + n
+            acc = tl.load(part_ptr + pi, mask=mask, other=0.0)
+            up = tl.load(part_ptr + pi + N, mask=mask, other=0.0)
+            for k in range(1, KS):
+                acc += tl.load(part_ptr + k * 2 * MN + pi, mask=mask, other=0.0)
+                up += tl.load(part_ptr + k * 2 * MN + pi + N, mask=mask, other=0.0)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + n, mask=mask, other=0.0)
+                up += tl.load(b_ptr + N + n, mask=mask, other=0.0)
+            acc = acc / (1.0 + tl.exp(-acc)) * up
+        else:
+            acc = tl.load(part_ptr + i, mask=mask, other=0.0)
+            for k in range(1, KS):
+                acc += tl.load(part_ptr + k * MN + i, mask=mask, other=0.0)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + n, mask=mask, other=0.0)
+        if HAS_RES:
+            acc += tl.load(r_ptr + m * stride_rm + n, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + i, acc.to(tl.bfloat16), mask=mask)
 
     @triton.jit
@@ -266,43 +421,90 @@ def _largest_block_step(nblk: int, want: int) -> int:
     return bb
 
 
-def gemv_config(m: int, n: int, k: int) -> dict:
+# Per-shape launch parameters from the sweep (benchmarks/gpu_int4_decode.py): (rows of x bucket, weight rows, K, gated)
+TUNED: dict[tuple[int, int, int, bool], dict] = {
+    (1, 4608, 3584, False): dict(BN=64, BB=8, PREFETCH=1, num_warps=2, KS=7, FAST=True),  # 7B qkv (+ bias)
+    (1, 3584, 3584, False): dict(BN=16, BB=16, PREFETCH=1, num_warps=2, KS=1),  # 7B o (+ residual)
+    (1, 37888, 3584, True): dict(BN=8, BB=16, PREFETCH=1, num_warps=2, KS=1),  # 7B gate_up, gated
+    (1, 3584, 18944, False): dict(BN=16, BB=8, PREFETCH=1, num_warps=1, KS=7),  # 7B down (+ residual)
+    (1, 152064, 3584, False): dict(BN=32, BB=8, PREFETCH=1, num_warps=2, KS=1, FAST=True),  # 7B head
+}
+
+
+def gemv_config(m: int, n: int, k: int, *, gated: bool = False) -> dict:
     """Launch parameters for the GEMV, from the sweep on an H200 at the 7B shapes (benchmarks/results/int4_kernels.json):
     few output rows and long K split K four ways; other few-row shapes take 16-row programs of 2 warps; many rows
-    32-row programs."""
+    32-row programs. n counts the weight's rows; gated programs take BN rows of each half."""
     mb = 1 if m <= 1 else 2 if m <= 2 else 4 if m <= 4 else 8
+    tuned = TUNED.get((mb, n, k, gated))
+    if tuned is not None and (k // 32) % tuned["BB"] == 0:
+        return dict(tuned, MB=mb)
     if mb > 1:
-        return dict(MB=mb, BN=32, BB=_largest_block_step(k // 32, 16), PREFETCH=1, num_warps=4, KS=1)
-    if n <= 8192 and k >= 8192:
-        return dict(MB=1, BN=32, BB=_largest_block_step(k // 32, 16), PREFETCH=1, num_warps=4, KS=4)
-    if n <= 8192:
-        return dict(MB=1, BN=16, BB=_largest_block_step(k // 32, 16), PREFETCH=1, num_warps=2, KS=1)
-    return dict(MB=1, BN=32, BB=_largest_block_step(k // 32, 8), PREFETCH=1, num_warps=2, KS=1)
+        cfg = dict(MB=mb, BN=32, BB=_largest_block_step(k // 32, 16), PREFETCH=1, num_warps=4, KS=1)
+    elif n <= 8192 and k >= 8192:
+        cfg = dict(MB=1, BN=32, BB=_largest_block_step(k // 32, 16), PREFETCH=1, num_warps=4, KS=4)
+    elif n <= 8192:
+        cfg = dict(MB=1, BN=16, BB=_largest_block_step(k // 32, 16), PREFETCH=1, num_warps=2, KS=1)
+    else:
+        cfg = dict(MB=1, BN=32, BB=_largest_block_step(k // 32, 8), PREFETCH=1, num_warps=2, KS=1)
+    if gated:
+        cfg["BN"] = max(8, cfg["BN"] // 2)
+    return cfg
+
+
+_COUNTERS = 1 << 16  # row tiles a split-K launch may count in (int32 counters, left at zero by every launch)
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for split-K launches on `device`'s current stream (kernels on one stream run in order and
+    each leaves its counters at zero; one buffer per stream, so launches on concurrent streams never share one)."""
+    stream = torch.cuda.current_stream(device)
+    return _stream_counters(stream.device_index, stream.cuda_stream)
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_counters(device_index: int, stream: int) -> torch.Tensor:
+    return torch.zeros(_COUNTERS, device=torch.device("cuda", device_index), dtype=torch.int32)
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, **config) -> torch.Tensor:
-    """y (M, N) bf16 = x (M, K) bf16 (unit column stride) @ w^T (+ bias float32), M <= 8 rows per launch (more rows:
-    one launch per 8); `config` overrides gemv_config."""
+         out: torch.Tensor | None = None, *, residual: torch.Tensor | None = None, gated: bool = False,
+         **config) -> torch.Tensor:
+    """y (M, N) bf16 = x (M, K) bf16 (unit column stride) @ w^T (+ bias float32) (+ residual (M, N), unit column
+    stride), M <= 8 rows per launch (more rows: one launch per 8); gated (M = 1): w = [gate; up] (2N rows) and
+    y = silu(x @ gate^T) * (x @ up^T) (biases of both halves added first). `config` overrides gemv_config."""
     m, k = x.shape
-    n = packed.shape[0]
+    nw = packed.shape[0]
+    n = nw // 2 if gated else nw
+    assert not gated or m == 1, "the gated GEMV takes one row"
+    assert residual is None or (residual.shape == (m, n) and residual.stride(1) == 1), "residual (M, N), unit stride"
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16) if out is None else out
     for r in range(0, m, 8):
         xr, yr = x[r:r + 8], y[r:r + 8]
+        rr = residual[r:r + 8] if residual is not None else None
         mr = xr.shape[0]
-        cfg = gemv_config(mr, n, k) | config
+        cfg = gemv_config(mr, nw, k, gated=gated) | config
         ks = cfg.get("KS", 1)
         assert mr <= cfg["MB"] <= 8 and (k // 32) % cfg["BB"] == 0 and cfg["PREFETCH"] in (1, 2), (m, k, cfg)
         assert 1 <= ks <= (k // 32) // cfg["BB"], (k, cfg)
+        assert not gated or cfg["MB"] == 1, cfg
         meta = {kk: v for kk, v in cfg.items() if kk in ("num_warps", "num_stages")}
-        dst = yr if ks == 1 else torch.empty(ks, mr, n, device=x.device, dtype=torch.float32)
-        _gemv_kernel[(triton.cdiv(n, cfg["BN"]), ks)](
-            xr, packed.view(torch.int32), sz.view(torch.int32), bias if bias is not None else yr, dst, mr, n, k,
-            xr.stride(0), k // 8, ONE_F32_BITS, GROUP=group_size, MB=cfg["MB"], BN=cfg["BN"], BB=cfg["BB"],
-            HAS_BIAS=bias is not None, PREFETCH=cfg["PREFETCH"], KS=ks, **meta)
-        if ks > 1:
-            _split_sum_kernel[(triton.cdiv(mr * n, 1024),)](dst, bias if bias is not None else dst, yr, mr * n, n, KS=ks,
-                                                            HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+        tiles = triton.cdiv(n, cfg["BN"])
+        ws = yr if ks == 1 else torch.empty(ks, mr, nw, device=x.device, dtype=torch.float32)
+        sem = ks > 1 and cfg.get("SEM", True) and tiles <= _COUNTERS
+        cnt = _counters(x.device) if sem else ws
+        _gemv_kernel[(tiles, ks)](
+            xr, packed.view(torch.int32), sz.view(torch.int32), bias if bias is not None else yr,
+            rr if rr is not None else yr, yr, ws, cnt, mr, n, nw, k, xr.stride(0), k // 8,
+            rr.stride(0) if rr is not None else 0, ONE_F32_BITS, ks, GROUP=group_size, MB=cfg["MB"], BN=cfg["BN"],
+            BB=cfg["BB"], HAS_BIAS=bias is not None, PREFETCH=cfg["PREFETCH"], SPLIT=ks > 1, GATED=gated,
+            HAS_RES=rr is not None, FAST=bool(cfg.get("FAST", False)), SEM=sem, **meta)
+        if ks > 1 and not sem:
+            dst = ws
+            _split_sum_kernel[(triton.cdiv(mr * n, 1024),)](
+                dst, bias if bias is not None else dst, rr if rr is not None else dst, yr, mr * n, n,
+                rr.stride(0) if rr is not None else 0, ks, HAS_BIAS=bias is not None, HAS_RES=rr is not None,
+                GATED=gated, BLOCK=1024, num_warps=4)
     return y
 
 
@@ -318,21 +520,53 @@ def dequantize(packed: torch.Tensor, sz: torch.Tensor, group_size: int, out: tor
     return out
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     if x.shape[0] <= GEMV_MAX_ROWS:
-        return gemv(x, packed, sz, group_size, bias)
-    y = F.linear(x, dequantize(packed, sz, group_size))
-    return y if bias is None else y + bias.to(y.dtype)
+        return gemv(x, packed, sz, group_size, bias, residual=residual)
+    w = dequantize(packed, sz, group_size)
+    if residual is not None and bias is None:  # the residual as the GEMM's accumulator input: no extra pass
+        return torch.addmm(residual.to(w.dtype), x, w.t())
+    y = F.linear(x, w, None if bias is None else bias.to(w.dtype))  # bias in the GEMM's epilogue
+    return y if residual is None else y + residual.to(y.dtype)
+
+
+def _gate_up_silu(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None,
+                  group_size: int) -> torch.Tensor:
+    from modelcore.triton_mlp import silu_mul
+
+    if x.shape[0] == 1:
+        return gemv(x, packed, sz, group_size, bias, gated=True)
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return silu_mul(gemv(x, packed, sz, group_size, bias))
+    w = dequantize(packed, sz, group_size)
+    return silu_mul(F.linear(x, w, None if bias is None else bias.to(w.dtype)))
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 if triton is not None:
 
     @torch.library.custom_op("modelcore::int4_linear", mutates_args=())
     def int4_linear_op(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None,
-                       group_size: int) -> torch.Tensor:
-        """y (M, N) bf16 = x (M, K) bf16 @ int4 weight^T (+ bias): the GEMV for few rows, else dequantize + GEMM."""
-        return _linear(x if x.stride(-1) == 1 else x.contiguous(), packed, sz, bias, group_size)
+                       group_size: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y (M, N) bf16 = x (M, K) bf16 @ int4 weight^T (+ bias) (+ residual (M, N)): the GEMV for few rows, else
+        dequantize + GEMM."""
+        return _linear(_unit_stride(x), packed, sz, bias, group_size, None if residual is None else _unit_stride(residual))
 
     @int4_linear_op.register_fake
-    def _(x, packed, sz, bias, group_size):
+    def _(x, packed, sz, bias, group_size, residual=None):
         return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.bfloat16)
+
+    @torch.library.custom_op("modelcore::int4_gate_up_silu", mutates_args=())
+    def int4_gate_up_silu_op(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None,
+                             group_size: int) -> torch.Tensor:
+        """h (M, N/2) bf16 = silu(x @ gate^T) * (x @ up^T) for a fused [gate; up] int4 weight (N rows): one gated
+        GEMV for one row, else the GEMV or dequantize + GEMM, then modelcore/triton_mlp.py's silu_mul."""
+        return _gate_up_silu(_unit_stride(x), packed, sz, bias, group_size)
+
+    @int4_gate_up_silu_op.register_fake
+    def _(x, packed, sz, bias, group_size):
+        return x.new_empty(x.shape[0], packed.shape[0] // 2, dtype=torch.bfloat16)

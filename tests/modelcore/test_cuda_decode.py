@@ -130,9 +130,22 @@ def test_cuda_int4_gemv_matches_dequantized_matmul(group: int, m: int) -> None:
     torch.testing.assert_close(y.float(), ref, rtol=4e-3, atol=1e-4)  # bf16 rounding of the output
     yb = triton_int4.gemv(x, packed, sz, group, bias)
     torch.testing.assert_close(yb.float(), ref + bias, rtol=4e-3, atol=1e-4)
-    for cfg in ({"PREFETCH": 2, "BB": 4}, {"KS": 3, "BB": 8}, {"BN": 32, "BB": 4, "num_warps": 8, "KS": 2}, {"MB": 8, "BN": 4, "BB": 16, "num_warps": 2}):
+    more = group == 128  # the launch variants once (each is its own compile per group size and row count)
+    for cfg in ({"PREFETCH": 2, "BB": 4}, {"KS": 3, "BB": 8}) + (({"BN": 32, "BB": 4, "num_warps": 8, "KS": 2},
+                {"MB": 8, "BN": 4, "BB": 16, "num_warps": 2}, {"KS": 3, "BB": 8, "SEM": False}, {"FAST": True},
+                {"FAST": True, "KS": 4, "BB": 4, "BN": 64, "num_warps": 4}, {"KS": 8, "BB": 4, "BN": 8, "num_warps": 1})
+                if more else ()):
         torch.testing.assert_close(triton_int4.gemv(x, packed, sz, group, bias, **cfg).float(), ref + bias, rtol=4e-3,
                                    atol=1e-4)
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    for cfg in ({}, {"KS": 4, "BB": 8}) + (({"KS": 4, "BB": 8, "SEM": False}, {"FAST": True, "KS": 2}) if more else ()):
+        # the residual added before the one rounding: bf16 rounding of the sum
+        torch.testing.assert_close(triton_int4.gemv(x, packed, sz, group, bias, residual=res, **cfg).float(),
+                                   ref + bias + res.float(), rtol=4e-3, atol=1e-2)
+    if m == 1:  # split-K launches leave their counters at zero and are deterministic
+        assert int(triton_int4._counters(x.device).abs().sum()) == 0
+        one = triton_int4.gemv(x, packed, sz, group, bias, KS=4, BB=8)
+        assert all(torch.equal(one, triton_int4.gemv(x, packed, sz, group, bias, KS=4, BB=8)) for _ in range(5))
     xs = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)[:, ::2]  # strided rows: the op makes them contiguous
     gemv_rows = m <= triton_int4.GEMV_MAX_ROWS  # else the op dequantizes: bf16 weight, bf16 GEMM output, bf16 bias add
     torch.testing.assert_close(torch.ops.modelcore.int4_linear(xs, packed, sz, bias, group).float(),
@@ -190,3 +203,137 @@ def test_graphed_generate_equals_eager_int4() -> None:
     model.compile_decode = False  # the same kernels in the graph as eagerly
     graphed, eager = _graph_vs_eager(model, ids)
     assert torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_cuda_int4_gate_up_silu_and_residual_ops(m: int) -> None:
+    """The gated GEMV (one row: silu(gate) * up in its epilogue) and the residual input, through the ops, for each
+    path (gated GEMV, GEMV + silu_mul, dequantize + GEMM + silu_mul / addmm), against the dequantized weights."""
+    import torch.nn.functional as F
+
+    from modelcore import triton_int4
+
+    if not triton_int4.available():
+        pytest.skip("needs Triton")
+    inter, k, group = 256, 512, 64  # the down weight's K = 2 * inter: whole groups
+    qw = _int4_weight(2 * inter, k, group, 11 + m)
+    packed, sz = triton_int4.pack(qw.codes), _sz(qw)
+    w = triton_int4.dequantize_reference(packed, sz, group)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(2 * inter, device="cuda")
+    for b in (None, bias):
+        g, u = (x.float() @ w.T + (0 if b is None else b)).split(inter, dim=1)
+        ref = F.silu(g) * u
+        h = torch.ops.modelcore.int4_gate_up_silu(x, packed, sz, b, group)
+        assert h.shape == (m, inter)
+        tol = dict(rtol=4e-3, atol=1e-3) if m == 1 else dict(rtol=2e-2, atol=2e-2)  # GEMV+silu_mul rounds twice
+        torch.testing.assert_close(h.float(), ref, **tol)
+        if m == 1:
+            for cfg in ({"FAST": True}, {"KS": 4, "BB": 4}, {"KS": 2, "BB": 4, "SEM": False}, {"BN": 32, "num_warps": 4},
+                        {"PREFETCH": 2, "BB": 4}):
+                torch.testing.assert_close(triton_int4.gemv(x, packed, sz, group, b, gated=True, **cfg).float(), ref,
+                                           **tol)
+    # residual through the op: GEMV epilogue (m <= 4) or addmm (m > 4)
+    qd = _int4_weight(k, 2 * inter, group, 21 + m)
+    pd, szd = triton_int4.pack(qd.codes), _sz(qd)
+    wd = triton_int4.dequantize_reference(pd, szd, group)
+    xd = torch.randn(m, 2 * inter, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.ops.modelcore.int4_linear(xd, pd, szd, None, group, res)
+    torch.testing.assert_close(y.float(), xd.float() @ wd.T + res.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("nsplit", [None, 1, 3])
+@pytest.mark.parametrize("heads", [(14, 2, 128), (8, 8, 64)])
+def test_decode_attention_matches_reference(nsplit, heads) -> None:
+    """RoPE + cache write + GQA attention of one new token per row against the torch twin: rows at different
+    positions (0, the last slot, random), the written slots, and every other cache slot left as it was."""
+    from modelcore import triton_attention as ta
+
+    if not ta.available():
+        pytest.skip("needs Triton")
+    h, hkv, d = heads
+    b, length = 4, 300
+    gen = torch.Generator("cuda").manual_seed(3)
+    qkv = torch.randn(b, (h + 2 * hkv) * d, device="cuda", generator=gen).to(torch.bfloat16)
+    pos = torch.randint(0, length, (b,), device="cuda", generator=gen)
+    pos[0], pos[1] = 0, length - 1
+    ang = torch.rand(b, d // 2, device="cuda", generator=gen) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16)
+    kc = torch.randn(b + 1, hkv, length, d, device="cuda", generator=gen).to(torch.bfloat16)  # a spare row
+    vc = torch.randn(b + 1, hkv, length, d, device="cuda", generator=gen).to(torch.bfloat16)
+    kr, vr, k0 = kc.clone(), vc.clone(), kc.clone()
+    out = ta.decode_attention(qkv, cos, sin, pos, kc, vc, h, hkv, d ** -0.5, nsplit=nsplit)
+    ref = ta.decode_attention_reference(qkv, cos, sin, pos, kr, vr, h, hkv, d ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    torch.testing.assert_close(kc.float(), kr.float(), rtol=1e-2, atol=1e-2)  # the new keys: one bf16 ulp at most
+    assert torch.equal(vc, vr)
+    written = torch.zeros_like(kc, dtype=torch.bool)
+    written[torch.arange(b), :, pos] = True
+    assert torch.equal(kc[~written], k0[~written])
+    if nsplit is not None:
+        return
+    # the same op under torch.compile (a custom op that mutates the cache): same output, same cache
+    kc2, vc2 = k0.clone(), vr.clone()
+    vc2[torch.arange(b), :, pos] = 0
+    fn = torch.compile(lambda *a: torch.ops.modelcore.decode_attention(*a, h, hkv, d ** -0.5), dynamic=False)
+    out2 = fn(qkv, cos, sin, pos, kc2, vc2)
+    assert torch.equal(out2, out) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
+
+
+def test_rope_qk_and_silu_mul_match_reference() -> None:
+    import torch.nn.functional as F
+
+    from modelcore import triton_attention, triton_mlp
+    from modelcore.rope import apply_rotary
+
+    if not triton_attention.available():
+        pytest.skip("needs Triton")
+    n, hqk, hv, d = 37, 6, 2, 64
+    x = torch.randn(n, (hqk + hv) * d, device="cuda", dtype=torch.bfloat16)
+    ang = torch.rand(n, d // 2, device="cuda") * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16)
+    out = torch.ops.modelcore.rope_qk(x, cos, sin, hqk, d)
+    ref = apply_rotary(x.float().view(1, n, hqk + hv, d)[:, :, :hqk].transpose(1, 2), cos.float()[None], sin.float()[None])
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2)[0], rtol=1e-2, atol=1e-2)  # one bf16 rounding
+    gu = torch.randn(n, 2 * 300, device="cuda", dtype=torch.bfloat16) * 3
+    h = torch.ops.modelcore.silu_mul(gu)
+    torch.testing.assert_close(h.float(), F.silu(gu[:, :300].float()) * gu[:, 300:].float(), rtol=1e-2, atol=1e-2)
+    assert triton_mlp.silu_mul(gu[:0]).shape == (0, 300)
+
+
+def _set_fused(model, on: bool) -> None:
+    for mod in model.modules():
+        if hasattr(mod, "fused_cuda"):
+            mod.fused_cuda = on
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_fused_cuda_paths_match_reference_ops(quant) -> None:
+    """A bf16 model (and its int4 version) with the Triton paths (RoPE, decode attention, silu * up, residuals
+    inside the projections) against the same model on the reference ops: prefill, then decode steps over a cache."""
+    from modelcore.quant import quantize_model
+
+    model, _ = _tiny_qwen(torch.bfloat16)
+    model.fuse_projections()
+    if quant:
+        quantize_model(model, quant, group_size=32)
+    ids = torch.randint(0, 512, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    nxt = torch.randint(0, 512, (2, 4), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
+    logits = {}
+    for on in (True, False):
+        _set_fused(model, on)
+        cache = model.new_cache(2, 32)
+        with torch.inference_mode():
+            steps = [model(ids, cache=cache).logits.float()[:, -1]]
+            for i in range(nxt.shape[1]):
+                pos = torch.full((2, 1), 9 + i, device="cuda")
+                steps.append(model(nxt[:, i:i + 1], positions=pos, cache=cache, kv_len=32).logits.float()[:, -1])
+        logits[on] = torch.stack(steps, 1)
+    _set_fused(model, True)
+    a, b = logits[True], logits[False]
+    assert float((a - b).norm() / b.norm()) < 2e-2
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) > 0.999
