@@ -104,7 +104,7 @@ class FusedDecoder:
         fn.restype = ctypes.c_int
         i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
         fn.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64, f32, i64, f32, ptr, ptr, ptr,
-                       ptr, ptr, ptr, ctypes.c_int]
+                       ptr, ptr, ptr, ptr, ctypes.c_int]
         self._fn = fn
 
     def serves(self, cache: list) -> bool:
@@ -116,14 +116,22 @@ class FusedDecoder:
                 return False
         return True
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-        """Final-norm hidden states (B, 1, D) float32 of `tokens` (B,) at `positions` (B,) (cache rows 0..B-1);
-        writes each row's cache at its position."""
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | int,
+               cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, 1, D) float32 of `tokens` (B,) at `positions` (B,); writes each row's K/V at
+        its position in cache row b, or in `cache_rows[b]` when given: rows that share a cache row are consecutive
+        tokens of one sequence, attended causally (a prefill of several prompts at once, without padding)."""
         d, hq, hkv, hd, inter, group = self.dims
         tokens = tokens.reshape(-1)
         b = tokens.shape[0]
         pos = torch.as_tensor(positions, dtype=torch.int64).reshape(-1).contiguous()
-        if pos.shape[0] != b or b > self.rows:
+        if cache_rows is not None:
+            cache_rows = torch.as_tensor(cache_rows, dtype=torch.int64).reshape(-1).contiguous()
+            if cache_rows.shape[0] != b or int(cache_rows.min()) < 0 or int(cache_rows.max()) >= self.rows:
+                raise ValueError(f"cache_rows must give each of the {b} tokens a row in 0..{self.rows - 1}")
+        elif b > self.rows:
+            raise ValueError(f"{b} tokens, {pos.shape[0]} positions, {self.rows} cache rows")
+        if pos.shape[0] != b:
             raise ValueError(f"{b} tokens, {pos.shape[0]} positions, {self.rows} cache rows")
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0 or hi >= min(self.max_len, self.cos.shape[0]):
@@ -135,16 +143,19 @@ class FusedDecoder:
         out = torch.empty(b, d, dtype=torch.float32)
         rc = self._fn(self.table.data_ptr(), self.caches.data_ptr(), self.table.shape[0], b, d, hq, hkv, hd, inter, group,
                       self.max_len, self.row_stride, self.eps, self.window, self.scale, self.cos.data_ptr(),
-                      self.sin.data_ptr(), pos.data_ptr(), h.data_ptr(), self.final_norm.data_ptr(), out.data_ptr(),
-                      torch.get_num_threads())
+                      self.sin.data_ptr(), pos.data_ptr(), cache_rows.data_ptr() if cache_rows is not None else None,
+                      h.data_ptr(), self.final_norm.data_ptr(), out.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"fused decode step failed (code {rc})")
         return out.view(b, 1, d)
 
-    def logits(self, tokens: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-        """Logits (B, V) of each row's next token (float32 when the head runs on the native kernel, which takes
-        float32 in and out: no rounding to bf16 and back on the way)."""
-        h = self.hidden(tokens, positions)
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor | int, cache_rows: torch.Tensor | None = None,
+               rows: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Logits (R, V) of the next token after each of `rows` (default: every row), float32 when the head runs on
+        the native kernel (float32 in and out: no rounding to bf16 and back on the way). cache_rows: as `hidden`."""
+        h = self.hidden(tokens, positions, cache_rows)
+        if rows is not None:
+            h = h[torch.as_tensor(rows, dtype=torch.long)]
         head = self.model.lm_head
         return head(h if getattr(head, "kernel", None) == "native" else h.to(self.model.dtype))[:, -1]
 
@@ -183,3 +194,35 @@ def fused_decoder(model, cache: list) -> FusedDecoder | None:
     dec = FusedDecoder(model, cache) if supported(model) else None
     slot.decs[key] = (weakref.ref(cache[0]), dec)
     return dec
+
+
+FUSED_PREFILL_MAX_TOKENS = 256  # longer inputs keep the torch path (from 512 rows its int4 layers use a dense GEMM)
+
+
+def fused_prefill(model, cache: list, prompts: list[list[int]], starts: list[int] | None = None,
+                  rows: list[int] | None = None) -> torch.Tensor | None:
+    """Prefill prompts through the fused C step in one call, each into its own cache row, without padding: prompt i's
+    tokens from starts[i] (earlier positions already in the cache, e.g. a reused prefix) go to cache row rows[i]
+    (default i) at their own positions, attended causally. Returns the logits (len(prompts), V) after each prompt's
+    last token, or None when the fused path does not apply (not a CPU model it fits, or more than
+    FUSED_PREFILL_MAX_TOKENS tokens in all): the caller then runs the torch forward."""
+    starts = starts or [0] * len(prompts)
+    rows = rows if rows is not None else list(range(len(prompts)))
+    if not prompts or any(len(p) - s < 1 for p, s in zip(prompts, starts)):
+        return None
+    if sum(len(p) - s for p, s in zip(prompts, starts)) > FUSED_PREFILL_MAX_TOKENS:
+        return None
+    dec = fused_decoder(model, cache)
+    if dec is None:
+        return None
+    toks: list[int] = []
+    pos: list[int] = []
+    crow: list[int] = []
+    last: list[int] = []
+    for ids, s, r in zip(prompts, starts, rows):
+        toks += ids[s:]
+        pos += range(s, len(ids))
+        crow += [r] * (len(ids) - s)
+        last.append(len(toks) - 1)
+    return dec.logits(torch.tensor(toks, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
+                      torch.tensor(crow, dtype=torch.long), last)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
+from modelcore.cpu_decode import FUSED_PREFILL_MAX_TOKENS, fused_prefill
 from modelcore.errors import GenerationConfigError, PromptError
 from modelcore.generate import (GraphDecoder, SamplingParams, apply_repetition_penalty, decode_one_token, sample, use_compile,
                                use_cuda_graphs)
@@ -280,6 +281,12 @@ class Engine:
         self.prefix_reuse = prefill == "batched" and all(type(layer) is KVCache for layer in self._cache)
         self._prefix_ids: list[int] = []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # CPU models that fit the fused C step prefill admitted prompts in one call, without padding
+        # (modelcore/cpu_decode.py fused_prefill); the torch forward otherwise, and for long prompts
+        from modelcore.cpu_decode import supported
+
+        self._fused_prefill = prefill == "batched" and model.device.type == "cpu" and supported(model) and \
+            all(type(layer) is KVCache for layer in self._cache)
         self._graphs: dict[int, GraphDecoder] = {}  # CUDA: captured decode step per number of active rows
         self._use_graphs = use_cuda_graphs(model)
         self._rows: list[RowState] = []  # active requests; index == cache row
@@ -411,9 +418,13 @@ class Engine:
             if shared >= PREFIX_MIN_TOKENS and self._reuse(first.prompt_ids) < shared:
                 self._prefill_one(first)
                 live = live[1:]
-        # grouped by the length left to compute after the reused prefix
-        groups = [[live[i] for i in g] for g in prefill_groups(
-            [len(r.prompt_ids) - self._reuse(r.prompt_ids) for r in live], self.prefill_overhead)]
+        # grouped by the length left to compute after the reused prefix; on the fused CPU step all of them go in one
+        # call (no padding, so no grouping)
+        left = [len(r.prompt_ids) - self._reuse(r.prompt_ids) for r in live]
+        if self._fused_prefill and sum(left) <= FUSED_PREFILL_MAX_TOKENS:
+            groups = [live]
+        else:
+            groups = [[live[i] for i in g] for g in prefill_groups(left, self.prefill_overhead)]
         for group in groups:
             if len(group) == 1:
                 self._prefill_one(group[0])
@@ -458,20 +469,26 @@ class Engine:
         else:
             c = min(self._reuse(r.prompt_ids) for r in reqs)  # tokens taken from the prefix store, same in every row
             pad = reqs[0].prompt_ids[-1]  # any valid id: pads are never attended to
-            ids = torch.tensor([r.prompt_ids[c:] + [pad] * (longest - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
-                               device=dev)  # (k, T - c)
             view = self._view(row, row + k)
             if c:
                 for layer, (pk, pv) in zip(view, self._prefix_kv):
                     layer.k[:, :, :c] = pk[None, :, :c]
                     layer.v[:, :, :c] = pv[None, :, :c]
-                positions = torch.arange(c, longest, device=dev).expand(k, longest - c)
-                hidden = self.model.forward_hidden(ids, positions=positions, cache=view)  # keys: slots <= position
                 self.prefix_tokens_reused += c * k
-            else:
-                hidden = self.model.forward_hidden(ids, cache=view)  # positions 0..T-1 in every row
-            last = hidden[torch.arange(k, device=dev), torch.tensor(lens, device=dev) - 1 - c]  # (k, D)
-            logits = self.model.lm_head(last)  # (k, V)
+            logits = None
+            if self._fused_prefill:  # one C call over the full cache, each prompt into its own row, no padding
+                logits = fused_prefill(self.model, self._view(0, self.max_batch), [r.prompt_ids for r in reqs],
+                                       [c] * k, list(range(row, row + k)))
+            if logits is None:
+                ids = torch.tensor([r.prompt_ids[c:] + [pad] * (longest - len(r.prompt_ids)) for r in reqs],
+                                   dtype=torch.long, device=dev)  # (k, T - c)
+                if c:
+                    positions = torch.arange(c, longest, device=dev).expand(k, longest - c)
+                    hidden = self.model.forward_hidden(ids, positions=positions, cache=view)  # keys: slots <= position
+                else:
+                    hidden = self.model.forward_hidden(ids, cache=view)  # positions 0..T-1 in every row
+                last = hidden[torch.arange(k, device=dev), torch.tensor(lens, device=dev) - 1 - c]  # (k, D)
+                logits = self.model.lm_head(last)  # (k, V)
             if self.prefix_reuse:  # the store now holds this group's first prompt
                 self._prefix_ids = list(reqs[0].prompt_ids)
                 n = len(self._prefix_ids)

@@ -74,8 +74,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompt through the model once, filling `cache`; returns (last-token logits (B, V), next positions (B,))."""
+    """Run the prompt through the model once, filling `cache`; returns (last-token logits (B, V), next positions (B,)).
+
+    On a CPU model that fits the fused C step, a short prompt batch runs through it in one call (cpu_decode.fused_prefill)."""
     positions = positions_from_mask(attention_mask)  # (B, T)
+    if input_ids.device.type == "cpu":
+        from modelcore.cpu_decode import fused_prefill
+
+        mask = attention_mask.bool()
+        prompts = [input_ids[i][mask[i]].tolist() for i in range(input_ids.shape[0])]
+        logits = fused_prefill(model, cache, prompts)  # real tokens at positions 0..len-1, as positions_from_mask gives
+        if logits is not None:
+            return logits, attention_mask.long().sum(-1)
     if bool(attention_mask.all()):  # no padding: positions 0..T-1, the model may use its causal kernel
         hidden = model.forward_hidden(input_ids, cache=cache)  # (B, T, D)
     else:

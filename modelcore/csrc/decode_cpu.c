@@ -12,6 +12,10 @@
  * Then out = rmsnorm(h) * w_final_norm. The B rows share each matmul (one pass over the weights).
  * Weights come as int64 addresses, DECODE_FIELDS per layer; caches as (k, v) addresses per layer, each
  * (rows, Hkv, max_len, hd) float32 with `row_stride` elements between rows.
+ * cache_rows (NULL: row b uses cache row b) maps each input row to its sequence's cache row, so several rows can be
+ * consecutive tokens of one sequence: a prefill. Every row writes its K/V before any row attends (a barrier between),
+ * and a row attends to its cache row's keys up to its own position, so each token sees exactly the tokens before
+ * it: causal attention, with no padding between sequences of different lengths.
  * --------------------------------------------------------------------------------------------------------------- */
 enum { F_NORM1, F_QKV, F_QKV_S, F_QKV_B, F_O, F_O_S, F_NORM2, F_GU, F_GU_S, F_DOWN, F_DOWN_S, DECODE_FIELDS };
 
@@ -132,11 +136,11 @@ static void attend_group(const float *q, const float *kb, const float *vb, int64
 int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, int64_t B, int64_t D, int64_t H,
                     int64_t Hkv, int64_t hd, int64_t I, int64_t group, int64_t max_len, int64_t row_stride, float eps,
                     int64_t window, float scale, const float *cos_tab, const float *sin_tab, const int64_t *positions,
-                    float *h, const float *final_norm, float *out, int nthreads) {
+                    const int64_t *cache_rows, float *h, const float *final_norm, float *out, int nthreads) {
     if (B < 1 || H % Hkv || hd % 2) return 1;
     int64_t smax = 0;
     for (int64_t b = 0; b < B; ++b) {
-        if (positions[b] < 0 || positions[b] >= max_len) return 1;
+        if (positions[b] < 0 || positions[b] >= max_len || (cache_rows && cache_rows[b] < 0)) return 1;
         smax = positions[b] + 1 > smax ? positions[b] + 1 : smax;
     }
     const int64_t nq = H * hd, nkv = Hkv * hd, nqkv = nq + 2 * nkv, rep = H / Hkv;
@@ -175,9 +179,10 @@ int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, i
                 }
                 const float *cs = cos_tab + pos * hd, *sn = sin_tab + pos * hd;
                 for (int64_t hh = 0; hh < H + Hkv; ++hh) rope_rotate_half(r + hh * hd, cs, sn, hd);  /* q heads, then k heads */
+                const int64_t cr = cache_rows ? cache_rows[b] : b;
                 for (int64_t g = 0; g < Hkv; ++g) {
-                    memcpy(kc + b * row_stride + (g * max_len + pos) * hd, r + nq + g * hd, sizeof(float) * (size_t)hd);
-                    memcpy(vc + b * row_stride + (g * max_len + pos) * hd, r + nq + nkv + g * hd, sizeof(float) * (size_t)hd);
+                    memcpy(kc + cr * row_stride + (g * max_len + pos) * hd, r + nq + g * hd, sizeof(float) * (size_t)hd);
+                    memcpy(vc + cr * row_stride + (g * max_len + pos) * hd, r + nq + nkv + g * hd, sizeof(float) * (size_t)hd);
                 }
             }
             mc_barrier_wait(&bar);
@@ -185,7 +190,7 @@ int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, i
             for (int64_t bg = lo; bg < hi; ++bg) {  /* one (row, key/value head) pair: its rep query heads */
                 const int64_t b = bg / Hkv, g = bg % Hkv, S = positions[b] + 1;
                 const int64_t start = window > 0 && S > window ? S - window : 0;
-                const int64_t off = b * row_stride + g * max_len * hd;
+                const int64_t off = (cache_rows ? cache_rows[b] : b) * row_stride + g * max_len * hd;
                 attend_group(qkv + b * nqkv + g * rep * hd, kc + off, vc + off, rep, start, S, hd, scale,
                              scores + bg * rep * smax, att + b * nq + g * rep * hd);
             }

@@ -126,6 +126,55 @@ static inline __attribute__((always_inline)) void block_rows(const uint8_t *code
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 has 16 vector registers, so the rows of x go in tiles of up to 4: a tile's 4 x 2 integer sums (rows x the
+ * block's two halves of 8 output rows, one 256-bit vector each), both halves' unpacked codes and the two broadcast
+ * activation words fit, and each broadcast serves both halves. Within a chunk the vpmaddubsw products of a row are
+ * added as int16 (each is at most 2 * 15 * 127 = 3,810 in magnitude, the eight of a half at most 30,480 < 32,767)
+ * and widened once by vpmaddwd. The float sums of a tile live in memory (touched once per chunk). */
+#define XT 4 /* rows of x per register tile */
+static inline __attribute__((always_inline)) void block_tile(const uint8_t *codes, const int8_t *xq, const float *d,
+                                                             int64_t K, int64_t c0, int cpg, int mt, float gacc[][2][8]) {
+    const int64_t C = K / CHUNK;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int cc = 0; cc < cpg; ++cc) {
+        const int64_t c = c0 + cc;
+        const uint8_t *w = codes + c * CHUNK_BYTES;
+        _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + 8 * CHUNK_BYTES + 192), _MM_HINT_T0);
+        __m256i s16[XT][2];
+        for (int m = 0; m < mt; ++m) s16[m][0] = s16[m][1] = _mm256_setzero_si256();
+        for (int v = 0; v < 4; ++v) {
+            const __m256i raw0 = _mm256_loadu_si256((const __m256i *)(w + 64 * v));
+            const __m256i raw1 = _mm256_loadu_si256((const __m256i *)(w + 64 * v + 32));
+            const __m256i lo0 = _mm256_and_si256(raw0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(raw0, 4), low);
+            const __m256i lo1 = _mm256_and_si256(raw1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(raw1, 4), low);
+            for (int m = 0; m < mt; ++m) {
+                const int8_t *xr = xq + m * K + c * CHUNK + 8 * v;
+                int32_t q0, q1;
+                memcpy(&q0, xr, 4);
+                memcpy(&q1, xr + 4, 4);
+                const __m256i b0 = _mm256_set1_epi32(q0), b1 = _mm256_set1_epi32(q1);
+                /* saturating adds (which never saturate here) keep GCC from reassociating the sums into a tree of
+                 * products spilled to the stack */
+                s16[m][0] = _mm256_adds_epi16(s16[m][0], _mm256_maddubs_epi16(lo0, b0));
+                s16[m][0] = _mm256_adds_epi16(s16[m][0], _mm256_maddubs_epi16(hi0, b1));
+                s16[m][1] = _mm256_adds_epi16(s16[m][1], _mm256_maddubs_epi16(lo1, b0));
+                s16[m][1] = _mm256_adds_epi16(s16[m][1], _mm256_maddubs_epi16(hi1, b1));
+            }
+        }
+        for (int m = 0; m < mt; ++m) {
+            const __m256 dm = _mm256_set1_ps(d[m * C + c]);
+            for (int h = 0; h < 2; ++h) {
+                const __m256 is = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m][h], ones));
+                _mm256_storeu_ps(gacc[m][h], _mm256_fmadd_ps(is, dm, _mm256_loadu_ps(gacc[m][h])));
+            }
+        }
+    }
+}
+
 static inline __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -133,50 +182,32 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
 static inline __attribute__((always_inline)) void block_rows(const uint8_t *codes, const uint16_t *sz, const int8_t *xq, const float *d, const float *xs,
                        const float *qs, int64_t K, int64_t G, int cpg, int mt, float *y, int64_t ldy) {
     const int64_t C = K / CHUNK;
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[MT][2];
     for (int m = 0; m < mt; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
-        __m256 gacc[MT][2];
-        float xsg[MT], qsg[MT];
-        for (int m = 0; m < mt; ++m) { gacc[m][0] = gacc[m][1] = _mm256_setzero_ps(); xsg[m] = qsg[m] = 0.f; }
-        for (int cc = 0; cc < cpg; ++cc) {
-            const int64_t c = g * cpg + cc;
-            const uint8_t *w = codes + c * CHUNK_BYTES;
-            __m256i iacc[MT][2];
-            for (int m = 0; m < mt; ++m) iacc[m][0] = iacc[m][1] = _mm256_setzero_si256();
-            for (int v = 0; v < 4; ++v) {
-                for (int h = 0; h < 2; ++h) { /* rows 0-7, then 8-15 */
-                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + 64 * v + 32 * h));
-                    const __m256i lo = _mm256_and_si256(raw, low);
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                    for (int m = 0; m < mt; ++m) {
-                        const int8_t *xr = xq + m * K + c * CHUNK + 8 * v;
-                        int32_t q0, q1;
-                        memcpy(&q0, xr, 4);
-                        memcpy(&q1, xr + 4, 4);
-                        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(q0)), ones);
-                        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(q1)), ones);
-                        iacc[m][h] = _mm256_add_epi32(iacc[m][h], _mm256_add_epi32(p0, p1));
-                    }
-                }
-            }
-            for (int m = 0; m < mt; ++m) {
-                const __m256 dm = _mm256_set1_ps(d[m * C + c]);
-                gacc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][0]), dm, gacc[m][0]);
-                gacc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][1]), dm, gacc[m][1]);
-                xsg[m] += xs[m * C + c];
-                qsg[m] += qs[m * C + c];
+        float gacc[MT][2][8] __attribute__((aligned(32)));
+        memset(gacc, 0, sizeof(float) * 16 * (size_t)mt);
+        for (int m0 = 0; m0 < mt; m0 += XT) {  /* a second tile reads the block's chunks from L1 */
+            const int t = mt - m0 < XT ? mt - m0 : XT;
+            switch (t) {
+            case 4: block_tile(codes, xq + m0 * K, d + m0 * C, K, g * cpg, cpg, 4, gacc + m0); break;
+            case 3: block_tile(codes, xq + m0 * K, d + m0 * C, K, g * cpg, cpg, 3, gacc + m0); break;
+            case 2: block_tile(codes, xq + m0 * K, d + m0 * C, K, g * cpg, cpg, 2, gacc + m0); break;
+            default: block_tile(codes, xq + m0 * K, d + m0 * C, K, g * cpg, cpg, 1, gacc + m0); break;
             }
         }
-        for (int h = 0; h < 2; ++h) {
-            const __m256 s = load_bf16x8(sz + g * 2 * ROWS + 8 * h);
-            const __m256 z = load_bf16x8(sz + g * 2 * ROWS + ROWS + 8 * h);
-            for (int m = 0; m < mt; ++m) {
-                const __m256 t = _mm256_sub_ps(gacc[m][h], _mm256_set1_ps(qsg[m]));
+        for (int m = 0; m < mt; ++m) {
+            float xsg = 0.f, qsg = 0.f;
+            for (int cc = 0; cc < cpg; ++cc) {
+                xsg += xs[m * C + g * cpg + cc];
+                qsg += qs[m * C + g * cpg + cc];
+            }
+            for (int h = 0; h < 2; ++h) {
+                const __m256 s = load_bf16x8(sz + g * 2 * ROWS + 8 * h);
+                const __m256 z = load_bf16x8(sz + g * 2 * ROWS + ROWS + 8 * h);
+                const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(gacc[m][h]), _mm256_set1_ps(qsg));
                 acc[m][h] = _mm256_fmadd_ps(s, t, acc[m][h]);
-                acc[m][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(xsg[m]), acc[m][h]);
+                acc[m][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(xsg), acc[m][h]);
             }
         }
     }
@@ -372,6 +403,46 @@ int mc_int4_dequant_bf16(const uint8_t *codes, const uint16_t *sz, int64_t N, in
  * 64 weights of one row per vpdpbusd against 64 activations (two chunks), weights made unsigned by q ^ 0x80 = q + 128
  * and the 128 * sum(xq) that adds taken off once per row of x; AVX2: vpmaddubsw on |q| and sign(q) * xq.
  * --------------------------------------------------------------------------------------------------------------- */
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__)) && defined(__AVX2__) && defined(__FMA__)
+static inline float hsum8(__m256 a) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* nr (1..2) weight rows from n0 times mr (1..4) rows of x from m0: per chunk, vpmaddubsw on |w| and sign(w) * xq. */
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, const float *scales, int64_t n0, int nr,
+                                                            const int8_t *xq, const float *d, const float *corr, int64_t m0,
+                                                            int mr, int64_t K, float *y, int64_t N) {
+    const int64_t C = K / CHUNK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int r = 0; r < nr; ++r)
+        for (int m = 0; m < mr; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+        /* rows read in pairs, chunk by chunk, are two short streams the hardware prefetcher follows badly (one row
+         * of x ran at half the speed of a row-by-row pass): fetch the tiles two ahead, one line per chunk */
+        _mm_prefetch((const char *)(w + (n0 + 2 * nr) * K + c * 64), _MM_HINT_T0);
+        __m256i wv[2], aw[2];
+        for (int r = 0; r < nr; ++r) {
+            wv[r] = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + c * CHUNK));
+            aw[r] = _mm256_sign_epi8(wv[r], wv[r]);
+        }
+        for (int m = 0; m < mr; ++m) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (m0 + m) * K + c * CHUNK));
+            const __m256 dm = _mm256_set1_ps(d[(m0 + m) * C + c]);
+            for (int r = 0; r < nr; ++r) {
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xv, wv[r])), ones);
+                acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dm, acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; ++r)
+        for (int m = 0; m < mr; ++m) y[(m0 + m) * N + n0 + r] = scales[n0 + r] * (hsum8(acc[r][m]) - corr[m0 + m]);
+}
+#endif
+
 static void int8_rows(const int8_t *w, const float *scales, int64_t n0, int64_t n1, const int8_t *xq, const float *d,
                       const float *dvec, const float *corr, int64_t M, int64_t K, float *y, int64_t N) {
     const int64_t C = K / CHUNK;
@@ -402,22 +473,22 @@ static void int8_rows(const int8_t *w, const float *scales, int64_t n0, int64_t 
         }
     }
 #elif defined(__AVX2__) && defined(__FMA__)
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t n = n0; n < n1; ++n) {
-        const int8_t *wr = w + n * K;
-        for (int64_t m = 0; m < M; ++m) {
-            const int8_t *xr = xq + m * K;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t c = 0; c < C; ++c) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + c * CHUNK));
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + c * CHUNK));
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[m * C + c]), acc);
+    /* tiles of 2 weight rows x up to 4 rows of x: 8 independent accumulators (one per pair) hide the latency of
+     * the per-chunk fma (one accumulator per pair made every chunk wait for the last: ~2x slower at 8 rows), and
+     * each weight chunk is loaded and made unsigned once for all rows of x */
+    (void)dvec;
+    (void)C;
+    for (int64_t n = n0; n < n1; n += 2) {
+        const int nr = n + 2 <= n1 ? 2 : 1;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mr = (int)(M - m0 < 4 ? M - m0 : 4);
+            switch (nr * 4 + mr) {
+            case 12: int8_tile(w, scales, n, 2, xq, d, corr, m0, 4, K, y, N); break;
+            case 11: int8_tile(w, scales, n, 2, xq, d, corr, m0, 3, K, y, N); break;
+            case 10: int8_tile(w, scales, n, 2, xq, d, corr, m0, 2, K, y, N); break;
+            case 9: int8_tile(w, scales, n, 2, xq, d, corr, m0, 1, K, y, N); break;
+            default: for (int m = 0; m < mr; ++m) int8_tile(w, scales, n, 1, xq, d, corr, m0 + m, 1, K, y, N); break;
             }
-            __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            y[m * N + n] = scales[n] * (_mm_cvtss_f32(r) - corr[m]);
         }
     }
 #else

@@ -8,7 +8,7 @@ import torch
 
 from modelcore import cpu_int4
 from modelcore.args import ModelArgs
-from modelcore.cpu_decode import FusedDecoder, fused_decoder, supported
+from modelcore.cpu_decode import FUSED_PREFILL_MAX_TOKENS, FusedDecoder, fused_decoder, fused_prefill, supported
 from modelcore.generate import decode_one_token
 from modelcore.model import Transformer
 from modelcore.quant import Int4Linear, quantize_model
@@ -75,14 +75,14 @@ def test_fused_steps_match_torch_stack(variant: dict) -> None:
 
 def test_generate_takes_the_fused_step() -> None:
     """generate() on one row runs the fused step: its greedy tokens equal a hand-written loop over FusedDecoder
-    (prefill by the torch stack, then argmax of each fused step); copies of the model get their own decoder."""
+    (fused prefill, then argmax of each fused step); copies of the model get their own decoder."""
     model = _tiny(attention_bias=True)
     ids = torch.randint(0, 512, (1, 7))
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=24)
         assert any(e[1] is not None for e in model.__dict__["_fused_decoder"].decs.values())
         cache = model.new_cache(1, 31)
-        logits = model.lm_head(model.forward_hidden(ids, cache=cache)[:, -1])
+        logits = fused_prefill(model, cache, ids.tolist())  # generate's prefill of a short prompt: the fused step too
         dec = FusedDecoder(model, cache)
         toks = []
         for p in range(7, 31):
@@ -180,3 +180,56 @@ def test_every_instruction_set_decodes_like_the_exact_build(isa: str) -> None:
             pos = torch.tensor([p, p])
             a, b = dec.hidden(ids[:, p], pos), ref.hidden(ids[:, p], pos)
             assert float((a - b).norm() / b.norm()) < 0.02
+
+
+def _fallback_twin(model: Transformer) -> Transformer:
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int4Linear):
+                setattr(parent, name, Int4Linear(child.int4_weights(), child.bias, kernel="fallback"))
+    return twin
+
+
+def test_fused_prefill_matches_torch() -> None:
+    """Three prompts prefilled in one C call, rows mapped to cache rows 1..3 (not the identity), no padding, one
+    prompt starting after a 4-token prefix already in its row, against the torch stack prefilling each prompt alone.
+    Exact build: every token's hidden state and the cache to 1e-4 of their scale. Product path (fused_prefill):
+    last-token logits within 2% of the twin's (int8 activations); too long an input is left to the torch path."""
+    from modelcore.cache import KVCache
+
+    model = _tiny(attention_bias=True, sliding_window=6)
+    twin = _fallback_twin(model)
+    lens, starts, rows = [5, 11, 8], [0, 4, 0], [1, 2, 3]
+    ids = torch.randint(0, 512, (3, 12))
+    prompts = [ids[i, :n].tolist() for i, n in enumerate(lens)]
+    ca, cb, cc = model.new_cache(4, 32), model.new_cache(4, 32), model.new_cache(4, 32)
+    with torch.inference_mode():
+        ref = []
+        for i, n in enumerate(lens):  # the twin: each prompt alone
+            one = [KVCache(1, 32, lc.k.shape[1], lc.k.shape[3], "cpu", torch.float32) for lc in cb]
+            ref.append(twin.forward_hidden(ids[i:i + 1, :n], cache=one)[0])  # (n, D)
+            for lc, lo in zip(cb, one):
+                lc.k[rows[i]], lc.v[rows[i]] = lo.k[0], lo.v[0]
+        for c in (ca, cc):  # the prefix of prompt 1, as the Engine's prefix store would copy it
+            for lc, lb in zip(c, cb):
+                lc.k[2, :, :4], lc.v[2, :, :4] = lb.k[2, :, :4], lb.v[2, :, :4]
+        dec = FusedDecoder(model, ca, kernel=cpu_int4.load(cpu_int4.EXACT))
+        toks = torch.tensor([t for p, s in zip(prompts, starts) for t in p[s:]])
+        pos = torch.tensor([q for p, s in zip(prompts, starts) for q in range(s, len(p))])
+        crow = torch.tensor([r for p, s, r in zip(prompts, starts, rows) for _ in range(s, len(p))])
+        got = dec.hidden(toks, pos, crow)[:, 0]  # (T, D)
+        want = torch.cat([h[s:] for h, s in zip(ref, starts)])
+        torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+        for la, lb in zip(ca, cb):
+            for i, n in enumerate(lens):
+                torch.testing.assert_close(la.k[rows[i], :, :n], lb.k[rows[i], :, :n], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(la.v[rows[i], :, :n], lb.v[rows[i], :, :n], atol=1e-4, rtol=1e-4)
+        logits = fused_prefill(model, cc, prompts, starts, rows)
+        for i in range(3):
+            r = twin.lm_head(ref[i][-1:])[0]
+            assert float((logits[i] - r).norm() / r.norm()) < 0.02
+        with pytest.raises(ValueError, match="cache_rows"):
+            dec.hidden(toks[:2], pos[:2], torch.tensor([0, 4]))
+        big = model.new_cache(2, FUSED_PREFILL_MAX_TOKENS + 8)
+        assert fused_prefill(model, big, [[1] * (FUSED_PREFILL_MAX_TOKENS // 2 + 1)] * 2) is None

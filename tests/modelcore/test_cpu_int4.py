@@ -53,7 +53,7 @@ def test_kernel_matches_its_float64_twin(isa: str, group: int) -> None:
     qw = quantize_int4(torch.randn(n, k) * torch.rand(n, 1), group_size=group, refine=True)
     zeros = qw.mins + 8 * qw.scales
     blocks, block_scales = cpu_int4.pack(qw.codes, qw.scales, zeros)
-    for m in (1, 3, 4, 5, 9):  # every remainder of the 4-row passes
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 9):  # every row count of a pass and of its register tiles (8 = 4 + 4, 9 = 8 + 1)
         x = torch.randn(m, k) * 3
         x[0, :32] = 0.0  # an all-zero chunk: scale 0
         y = kern.matmul(x, blocks, block_scales, group)
@@ -148,24 +148,25 @@ def test_quantize_model_uses_native_and_tracks_fallback() -> None:
 @pytest.mark.parametrize("isa", cpu_int4.ISAS)
 def test_int8_kernel_matches_its_float64_twin(isa: str) -> None:
     """The int8 (per-row scale) kernel: int8 activations per 32 columns times the int8 codes, in float64, for K with
-    and without a last half vector of 32 (96 = 64 + 32), and an all-zero chunk."""
+    and without a last half vector of 32 (96 = 64 + 32), an all-zero chunk, an odd number of weight rows (the AVX2
+    path pairs them) and 1 to 8 rows of x (its tiles take 4)."""
     kern = _kernel(isa)
     torch.manual_seed(6)
     from modelcore.quant import quantize_int8
 
-    for k in (96, 128):
-        q, s = quantize_int8(torch.randn(40, k) * torch.rand(40, 1))
-        x = torch.randn(5, k) * 2
-        x[1, 32:64] = 0.0
+    for k, m in ((96, 5), (128, 5), (96, 1), (128, 2), (96, 3), (128, 8), (96, 7)):
+        q, s = quantize_int8(torch.randn(41, k) * torch.rand(41, 1))
+        x = torch.randn(m, k) * 2
+        x[-1, 32:64] = 0.0
         y = kern.int8_matmul(x, q, s)
-        xc = x.double().view(5, k // 32, 32)
+        xc = x.double().view(m, k // 32, 32)
         d = (xc.abs().amax(-1) / 127.0).float().double()
         inv = torch.where(d > 0, 1.0 / d.float().double(), torch.zeros_like(d))
         xq = torch.round((x.float() * inv.float().repeat_interleave(32, 1)).double()).clamp(-127, 127)
         ref = (xq * d.repeat_interleave(32, 1)) @ (q.double() * s.double()[:, None]).T
         torch.testing.assert_close(y.double(), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-5)
     with pytest.raises(ValueError, match="int8 kernel"):
-        kern.int8_matmul(torch.randn(1, 96), q, s)
+        kern.int8_matmul(torch.randn(1, k + 32), q, s)
 
 
 def test_native_int8_linear_vs_fallback_and_tied_embedding() -> None:
