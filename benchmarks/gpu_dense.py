@@ -6,10 +6,11 @@ Both models share the same random bf16 weights (built once, on the GPU, by trans
 assigned into modelcore's Transformer without a copy). Figures: decode tok/s at batch 1 and 32 (greedy, after
 a 128-token prompt), time to first token for a 4096-token prompt, for transformers bf16 (`generate`, default
 dynamic cache), ours bf16 and ours int4 (group 128, lm_head int4 too, embedding rows int4 group 128; CUDA int4 linears
-in modelcore/triton_int4.py: a Triton GEMV for decode, dequantize + dense GEMM for longer inputs, the next layer's
-weight dequantized on a side stream during a long prefill), ours through `model.generate`
-(the product path: static KV cache, torch.compile'd blocks, one CUDA graph replay per token; see
-modelcore/generate.py GraphDecoder). Also checks one CUDA int4 linear (GEMV and dense path) against its dequantized
+in modelcore/triton_int4.py: a Triton GEMV for decode (one row: silu * up in the gate/up epilogue, residuals added in o
+and down), dequantize + dense GEMM for longer inputs), ours through
+`model.generate` (the product path: static KV cache, torch.compile'd blocks with the Triton decode attention of
+modelcore/triton_attention.py, one CUDA graph replay per token; see modelcore/generate.py GraphDecoder; prefill with
+the one-pass RoPE and silu * up kernels). Also checks one CUDA int4 linear (GEMV and dense path) against its dequantized
 matmul, and the int4 model's graphed greedy decode (GEMV) against eager teacher-forced argmax (dense path), and records resident sizes (parameters + buffers) of bf16 and int4 with and without the int4 embedding/head.
 """
 from __future__ import annotations

@@ -198,10 +198,17 @@ def model_part(results: dict, tuned: bool) -> None:
     gen = lambda ids, n: model.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     res = results.setdefault("model", {})
     ids = torch.randint(0, VOCAB, (1, 128), device="cuda")
-    for label in (["tuned", "default_cfg"] if tuned else ["default_cfg"]):
+    from modelcore import triton_attention
+
+    split = (triton_attention.SPLIT_LEN, triton_attention.SPLIT_FROM)
+    labels = ["tuned", "attn_one_program", "attn_split128"] + (["default_cfg"] if tuned else [])
+    for label in labels:
+        if label != labels[0]:
+            model.__dict__.pop("_graph_decoders", None)  # recapture with these settings (compiled blocks kept)
+        triton_attention.SPLIT_LEN, triton_attention.SPLIT_FROM = {"attn_one_program": (64, 1 << 30),
+                                                                   "attn_split128": (128, 128)}.get(label, split)
         if label == "default_cfg":
             triton_int4.TUNED.clear()
-            model.__dict__.pop("_graph_decoders", None)  # recapture with these configs (compiled blocks kept)
         first = _timed(lambda: gen(ids, 129))
         t1 = min(_timed(lambda: gen(ids, 1)) for _ in range(3))
         tn = min(_timed(lambda: gen(ids, 129)) for _ in range(2))
@@ -217,11 +224,12 @@ def model_part(results: dict, tuned: bool) -> None:
                       "graph_step_ms": round(side[0].elapsed_time(side[1]) / 50, 4),
                       "compiled_blocks": model.__dict__.get("_compiled_blocks") is not None}
         print(label, res[label], flush=True)
-        if label == (["tuned", "default_cfg"] if tuned else ["default_cfg"])[0]:
+        if label == labels[0]:
             try:
                 profile_step(dec, res)
             except Exception as exc:  # noqa: BLE001 - the profile is a diagnostic
                 print("profile failed:", repr(exc)[:300], flush=True)
+    triton_attention.SPLIT_LEN, triton_attention.SPLIT_FROM = split
     ids = torch.randint(0, VOCAB, (1, 4096), device="cuda")
     for on in (True, False):
         set_fused(model, on)

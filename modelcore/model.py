@@ -52,11 +52,17 @@ def _cuda_fusable(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, features) bfloat16, what the CUDA int4 ops take."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+
+
 def linear_residual(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + mod(x). On CUDA one kernel: the int4 GEMV adds the residual before its rounding, dequantize + GEMM
     and bf16 GEMMs take it as the accumulator input (addmm); under torch.compile the add is left to Inductor."""
     if _cuda_int4(mod):
-        y = torch.ops.modelcore.int4_linear(x.reshape(-1, mod.in_features), mod.packed, mod.scales_and_zeros, mod.bias,
+        y = torch.ops.modelcore.int4_linear(_bf16_rows(x), mod.packed, mod.scales_and_zeros, mod.bias,
                                             mod.group_size, residual.reshape(-1, mod.out_features))
         return y.view(residual.shape).to(residual.dtype)
     if (isinstance(mod, nn.Linear) and mod.bias is None and x.dtype == mod.weight.dtype == residual.dtype
@@ -71,7 +77,7 @@ def gate_up_silu(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     activation in its epilogue), else the GEMM and one activation kernel (modelcore/triton_mlp.py); under
     torch.compile the activation is left to Inductor."""
     if _cuda_int4(mod):
-        h = torch.ops.modelcore.int4_gate_up_silu(x.reshape(-1, mod.in_features), mod.packed, mod.scales_and_zeros,
+        h = torch.ops.modelcore.int4_gate_up_silu(_bf16_rows(x), mod.packed, mod.scales_and_zeros,
                                                   mod.bias, mod.group_size)
         return h.view(*x.shape[:-1], mod.out_features // 2).to(x.dtype)
     gu = linear(mod, x)

@@ -6,8 +6,9 @@ one program per (row, kv head, key range) rotates the row's q heads of that grou
 rounded to the activation dtype as the reference rounds them), writes the new key and value into the cache at the
 row's position, and attends over cache slots [0, position): the new key and value come from registers, so a program
 never reads the slot it writes. Keys are in BLOCK_N tiles, scores and P @ V on the tensor cores (the group's q heads
-padded to 16 rows), softmax online in float32 (exp2). Long caches split the key range over programs and a second
-kernel adds the partial softmaxes. The mask the eager path builds (key slot <= position) is implied by the position,
+padded to 16 rows), softmax online in float32 (exp2). Caches longer than SPLIT_FROM slots split the key range
+over programs (SPLIT_LEN keys each): ranges past the position return at once, and the last program of a (row, kv
+head) to finish adds the partial softmaxes in range order (the split-K counters of triton_int4), so one launch. The mask the eager path builds (key slot <= position) is implied by the position,
 so this op replaces RoPE, the cache scatter, the mask and SDPA in the decode step. No sliding window.
 
 Prefill RoPE (`modelcore::rope_qk`): (B*T, (H + 2 Hkv) D) -> the rotated q and k heads (B*T, H + Hkv, D) in one pass
@@ -19,6 +20,8 @@ import math
 
 import torch
 
+from modelcore import triton_int4
+
 try:
     import triton
     import triton.language as tl
@@ -26,8 +29,8 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
-SPLIT_LEN = 256  # keys per program when the cache is split (caches longer than SPLIT_FROM)
-SPLIT_FROM = 512  # caches up to this many slots: one program per (row, kv head) walks all keys
+SPLIT_LEN = 64  # keys per program (a program per (row, kv head, key range); the last one to finish combines)
+SPLIT_FROM = 64  # caches up to this many slots: one program per (row, kv head) walks all keys
 
 
 def available() -> bool:
@@ -49,16 +52,22 @@ if triton is not None:
         return x * cos + sign * xp * sin
 
     @triton.jit
-    def _decode_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, out_ptr, pacc_ptr, pm_ptr, pl_ptr,
+    def _decode_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, out_ptr, pacc_ptr, pm_ptr, pl_ptr, cnt_ptr,
                             stride_qkv, stride_cs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                             stride_out, qk_scale,
                             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
-                            CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (b, g, s): q heads g*REP .. g*REP+REP-1 of row b over key range s (slots [s*CHUNK, +CHUNK))."""
+                            CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SEM: tl.constexpr):
+        """Program (b, g, s): q heads g*REP .. g*REP+REP-1 of row b over key range s (slots [s*CHUNK, +CHUNK)).
+        SEM (NSPLIT > 1): ranges past the row's position return at once; the others store their partial softmax,
+        count themselves in at cnt_ptr[b * HKV + g], and the last of them combines the partials (in range order) and
+        resets the counter."""
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
         pos = tl.load(pos_ptr + b).to(tl.int32)
+        if SEM:
+            if s > pos // CHUNK:
+                return
         d = tl.arange(0, D)
         partner = (d + D // 2) % D
         sign = tl.where(d < D // 2, -1.0, 1.0)
@@ -115,11 +124,35 @@ if triton is not None:
             o = acc / l_i[:, None]
             tl.store(out_ptr + b * stride_out + hidx[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
                      mask=rmask[:, None])
-        else:  # partials (B, H, NSPLIT, D), (B, H, NSPLIT): added by _decode_attn_combine
+        else:  # partials (B, H, NSPLIT, D), (B, H, NSPLIT): added by the last program (SEM) or _decode_attn_combine
             part = (b * H + hidx) * NSPLIT + s
             tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=rmask[:, None])
             tl.store(pm_ptr + part, m_i, mask=rmask)
             tl.store(pl_ptr + part, l_i, mask=rmask)
+            if SEM:
+                tl.debug_barrier()  # every thread's partials stored before the release below
+                active = pos // CHUNK + 1
+                arrived = tl.atomic_add(cnt_ptr + b * HKV + g, 1, sem="acq_rel")
+                if arrived == active - 1:
+                    base = (b * H + hidx) * NSPLIT
+                    mx = tl.full((RP,), float("-inf"), tl.float32)
+                    lt = tl.zeros((RP,), tl.float32)
+                    ot = tl.zeros((RP, D), tl.float32)
+                    for t in range(0, active):  # range 0 is never empty, so mx is finite from the first
+                        ms = tl.load(pm_ptr + base + t, mask=rmask, other=0.0, cache_modifier=".cg")
+                        ls = tl.load(pl_ptr + base + t, mask=rmask, other=0.0, cache_modifier=".cg")
+                        accs = tl.load(pacc_ptr + (base + t)[:, None] * D + d[None, :], mask=rmask[:, None],
+                                       other=0.0, cache_modifier=".cg")
+                        mn = tl.maximum(mx, ms)
+                        wa = tl.exp2(mx - mn)
+                        wb = tl.exp2(ms - mn)
+                        ot = ot * wa[:, None] + accs * wb[:, None]
+                        lt = lt * wa + ls * wb
+                        mx = mn
+                    o = ot / lt[:, None]
+                    tl.store(out_ptr + b * stride_out + hidx[:, None] * D + d[None, :],
+                             o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+                    tl.atomic_xchg(cnt_ptr + b * HKV + g, 0)  # ready for the next launch
 
     @triton.jit
     def _decode_attn_combine(pacc_ptr, pm_ptr, pl_ptr, out_ptr, stride_out, H: tl.constexpr, D: tl.constexpr,
@@ -161,7 +194,8 @@ if triton is not None:
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float,
-                     *, nsplit: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                     *, nsplit: int | None = None, block_n: int = 64, num_warps: int = 4, sem: bool = True,
+                     split_len: int | None = None) -> torch.Tensor:
     """Attention output (B, H*D) of one new token per row; writes its rotated key and value at `positions` (B,).
 
     qkv (B, (H + 2 Hkv) D) unrotated; cos, sin (B, D); k_cache, v_cache (>= B, Hkv, L, D) with unit last stride."""
@@ -173,7 +207,9 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     rep = n_heads // n_kv_heads
     rp = max(16, triton.next_power_of_2(rep))
     max_len = k_cache.shape[2]
-    ns = decode_splits(max_len) if nsplit is None else nsplit
+    if split_len is not None:
+        block_n = min(block_n, split_len)
+    ns = decode_splits(max_len, split_len or SPLIT_LEN, split_len or SPLIT_FROM) if nsplit is None else nsplit
     chunk = max(block_n, -(-max_len // ns)) if ns > 1 else max(max_len, 1)
     chunk = -(-chunk // block_n) * block_n
     ns = -(-max_len // chunk) if ns > 1 else 1
@@ -185,12 +221,14 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     else:
         pacc = pm = pl = out
     pos = positions.reshape(b)
+    sem = sem and ns > 1 and b * n_kv_heads <= triton_int4._COUNTERS
+    cnt = triton_int4._counters(qkv.device) if sem else out
     _decode_attn_kernel[(b, n_kv_heads, ns)](
-        qkv, cos, sin, pos, k_cache, v_cache, out, pacc, pm, pl, qkv.stride(0), cos.stride(0),
+        qkv, cos, sin, pos, k_cache, v_cache, out, pacc, pm, pl, cnt, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), scale * math.log2(math.e), H=n_heads, HKV=n_kv_heads, D=d, REP=rep, RP=rp, CHUNK=chunk,
-        NSPLIT=ns, BLOCK_N=block_n, num_warps=num_warps)
-    if ns > 1:
+        NSPLIT=ns, BLOCK_N=block_n, SEM=sem, num_warps=num_warps)
+    if ns > 1 and not sem:
         _decode_attn_combine[(b, n_heads)](pacc, pm, pl, out, out.stride(0), H=n_heads, D=d, NSPLIT=ns,
                                            NSP=triton.next_power_of_2(ns), num_warps=4)
     return out

@@ -243,12 +243,13 @@ def test_cuda_int4_gate_up_silu_and_residual_ops(m: int) -> None:
     torch.testing.assert_close(y.float(), xd.float() @ wd.T + res.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("nsplit", [None, 1, 3])
+@pytest.mark.parametrize("nsplit", [None, 1, 3, "3-combine-kernel"])
 @pytest.mark.parametrize("heads", [(14, 2, 128), (8, 8, 64)])
 def test_decode_attention_matches_reference(nsplit, heads) -> None:
     """RoPE + cache write + GQA attention of one new token per row against the torch twin: rows at different
     positions (0, the last slot, random), the written slots, and every other cache slot left as it was."""
     from modelcore import triton_attention as ta
+    from modelcore import triton_int4
 
     if not ta.available():
         pytest.skip("needs Triton")
@@ -257,18 +258,20 @@ def test_decode_attention_matches_reference(nsplit, heads) -> None:
     gen = torch.Generator("cuda").manual_seed(3)
     qkv = torch.randn(b, (h + 2 * hkv) * d, device="cuda", generator=gen).to(torch.bfloat16)
     pos = torch.randint(0, length, (b,), device="cuda", generator=gen)
-    pos[0], pos[1] = 0, length - 1
+    pos[0], pos[1], pos[2] = 0, length - 1, 64  # 64: the first slot of a key range (split 64)
     ang = torch.rand(b, d // 2, device="cuda", generator=gen) * 6
     cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16)
     sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16)
     kc = torch.randn(b + 1, hkv, length, d, device="cuda", generator=gen).to(torch.bfloat16)  # a spare row
     vc = torch.randn(b + 1, hkv, length, d, device="cuda", generator=gen).to(torch.bfloat16)
     kr, vr, k0 = kc.clone(), vc.clone(), kc.clone()
-    out = ta.decode_attention(qkv, cos, sin, pos, kc, vc, h, hkv, d ** -0.5, nsplit=nsplit)
+    kw = dict(nsplit=3, sem=False) if nsplit == "3-combine-kernel" else dict(nsplit=nsplit)
+    out = ta.decode_attention(qkv, cos, sin, pos, kc, vc, h, hkv, d ** -0.5, **kw)
     ref = ta.decode_attention_reference(qkv, cos, sin, pos, kr, vr, h, hkv, d ** -0.5)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
     torch.testing.assert_close(kc.float(), kr.float(), rtol=1e-2, atol=1e-2)  # the new keys: one bf16 ulp at most
+    assert int(triton_int4._counters(qkv.device).abs().sum()) == 0  # split launches leave their counters at zero
     assert torch.equal(vc, vr)
     written = torch.zeros_like(kc, dtype=torch.bool)
     written[torch.arange(b), :, pos] = True
@@ -311,8 +314,9 @@ def _set_fused(model, on: bool) -> None:
             mod.fused_cuda = on
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("quant", [None, "int4"])
-def test_fused_cuda_paths_match_reference_ops(quant) -> None:
+def test_fused_cuda_paths_match_reference_ops(quant, batch) -> None:
     """A bf16 model (and its int4 version) with the Triton paths (RoPE, decode attention, silu * up, residuals
     inside the projections) against the same model on the reference ops: prefill, then decode steps over a cache."""
     from modelcore.quant import quantize_model
@@ -321,17 +325,17 @@ def test_fused_cuda_paths_match_reference_ops(quant) -> None:
     model.fuse_projections()
     if quant:
         quantize_model(model, quant, group_size=32)
-    ids = torch.randint(0, 512, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
-    nxt = torch.randint(0, 512, (2, 4), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
+    ids = torch.randint(0, 512, (batch, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    nxt = torch.randint(0, 512, (batch, 4), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
     logits = {}
     for on in (True, False):
         _set_fused(model, on)
-        cache = model.new_cache(2, 32)
+        cache = model.new_cache(batch, 96)  # 96 slots: the decode attention splits its key range
         with torch.inference_mode():
             steps = [model(ids, cache=cache).logits.float()[:, -1]]
             for i in range(nxt.shape[1]):
-                pos = torch.full((2, 1), 9 + i, device="cuda")
-                steps.append(model(nxt[:, i:i + 1], positions=pos, cache=cache, kv_len=32).logits.float()[:, -1])
+                pos = torch.full((batch, 1), 9 + i, device="cuda")
+                steps.append(model(nxt[:, i:i + 1], positions=pos, cache=cache, kv_len=96).logits.float()[:, -1])
         logits[on] = torch.stack(steps, 1)
     _set_fused(model, True)
     a, b = logits[True], logits[False]
