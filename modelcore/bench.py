@@ -52,7 +52,14 @@ def _bench_ours(mode: str, *, model_path: Path, decode_tokens: int, lengths: tup
 
     quant = {"ours-int4": "int4", "ours-int8": "int8", "ours-int4-emb4": "int4"}.get(mode)
     extra = {"embeddings": "int4"} if mode == "ours-int4-emb4" else {}
-    dtype = torch.float32 if mode == "ours-fp32" else torch.bfloat16
+    from modelcore.defaults import cpu_has_native_bf16
+
+    # the bf16 model computes in bf16; the quantized ones as the product runs them (portal/generation.py): bf16
+    # activations on CPUs with bf16 units, float32 elsewhere (bf16 GEMMs there are several times slower)
+    if mode == "ours-fp32" or (mode != "ours-bf16" and not cpu_has_native_bf16()):
+        dtype = torch.float32
+    else:
+        dtype = torch.bfloat16
     t0 = time.perf_counter()
     model = AutoModel.from_pretrained(model_path, device_map="cpu", quantization=quant, dtype=dtype, **extra)
     load_s = time.perf_counter() - t0

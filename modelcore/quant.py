@@ -225,6 +225,21 @@ def _resolve_kernel(kernel: str, device: torch.device, *, int8_in_features: int 
 
 
 NATIVE_INT4_DEQUANT_ROWS = 512  # from this many rows on, a native int4 layer runs as bf16 weight x dense GEMM (prefill)
+NATIVE_INT4_DEQUANT_ROWS_NO_BF16 = 2048  # the same on CPUs without bf16 units, in float32 (see native_dense_path)
+
+
+@functools.lru_cache(maxsize=None)
+def native_dense_path() -> tuple[int, torch.dtype]:
+    """(rows from which a native int4 layer dequantizes its weight and runs a dense GEMM, the GEMM's dtype).
+
+    With bf16 dot-product units (AVX512-BF16, AMX): bf16 from 512 rows. Without them torch's bf16 GEMM crawls
+    (5-9 GMAC/s on a 2-core AVX2 EPYC against 35-50 for our int8 kernel and 20-63 for float32): float32, and only
+    from 2,048 rows, where it beats our kernel (63 against 51 GMAC/s; at 512 rows they are level)."""
+    from modelcore.defaults import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        return NATIVE_INT4_DEQUANT_ROWS, torch.bfloat16
+    return NATIVE_INT4_DEQUANT_ROWS_NO_BF16, torch.float32
 NATIVE_INT8_MAX_ROWS = 16  # our int8 kernel is a per-row dot product: decode-sized inputs; prefill goes to torch's
 
 
@@ -354,9 +369,12 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.kernel == "native" and x2.shape[0] >= NATIVE_INT4_DEQUANT_ROWS:  # prefill: bf16 weight, dense GEMM
+        if self.kernel == "native" and x2.shape[0] >= native_dense_path()[0]:  # prefill: dequantized weight, dense GEMM
             w = cpu_int4.library().dequantize_bf16(self.blocks, self.block_scales, self.group_size)
-            y = F.linear(_bf16_contiguous(x2), w)
+            if native_dense_path()[1] == torch.bfloat16:
+                y = F.linear(_bf16_contiguous(x2), w)
+            else:
+                y = F.linear(x2.float(), w.float())
             y = y if y.dtype == x.dtype else y.to(x.dtype)
         elif self.kernel == "native":
             xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()

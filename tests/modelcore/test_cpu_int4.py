@@ -200,23 +200,37 @@ def test_dequantize_bf16_matches_the_codes(isa: str) -> None:
     torch.testing.assert_close(w.float(), ref, atol=1e-6, rtol=2 ** -8)
 
 
-def test_native_int4_long_inputs_take_the_dense_path() -> None:
-    """From NATIVE_INT4_DEQUANT_ROWS rows on (prefill), the native layer multiplies by its bf16 weight: still < 1%
-    from the float twin, and equal to F.linear on that weight."""
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_native_int4_long_inputs_take_the_dense_path(bf16_units: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From native_dense_path()'s row count on (prefill), the native layer multiplies by its dequantized weight, in
+    bf16 from 512 rows on CPUs with bf16 units, in float32 from 2,048 rows elsewhere: still < 1% from the float
+    twin, and equal to F.linear on that weight; one row fewer takes the int8 kernel."""
     if cpu_int4.library() is None:
         pytest.skip("the native kernel does not build here")
-    from modelcore.quant import NATIVE_INT4_DEQUANT_ROWS
+    import modelcore.defaults
+    from modelcore import quant
 
-    torch.manual_seed(9)
-    lin = nn.Linear(256, 64, bias=True)
-    qw = quantize_int4(lin.weight, group_size=32)
-    native, fallback = Int4Linear(qw, lin.bias, kernel="native"), Int4Linear(qw, lin.bias, kernel="fallback")
-    x = torch.randn(1, NATIVE_INT4_DEQUANT_ROWS, 256)
-    a, b = native(x), fallback(x)
-    assert float((a - b).norm() / b.norm()) < 0.01
-    w = cpu_int4.library().dequantize_bf16(native.blocks, native.block_scales, 32)
-    dense = (torch.nn.functional.linear(x.bfloat16(), w) + lin.bias.detach().bfloat16()).float()
-    torch.testing.assert_close(a, dense, atol=0.05, rtol=0.02)
+    monkeypatch.setattr(modelcore.defaults, "cpu_has_native_bf16", lambda: bf16_units)
+    quant.native_dense_path.cache_clear()
+    try:
+        rows, dtype = quant.native_dense_path()
+        assert (rows, dtype) == ((quant.NATIVE_INT4_DEQUANT_ROWS, torch.bfloat16) if bf16_units else
+                                 (quant.NATIVE_INT4_DEQUANT_ROWS_NO_BF16, torch.float32))
+        torch.manual_seed(9)
+        lin = nn.Linear(256, 64, bias=True)
+        qw = quantize_int4(lin.weight, group_size=32)
+        native, fallback = Int4Linear(qw, lin.bias, kernel="native"), Int4Linear(qw, lin.bias, kernel="fallback")
+        x = torch.randn(1, rows, 256)
+        a, b = native(x), fallback(x)
+        assert float((a - b).norm() / b.norm()) < 0.01
+        w = cpu_int4.library().dequantize_bf16(native.blocks, native.block_scales, 32).to(dtype)
+        dense = (torch.nn.functional.linear(x.to(dtype), w) + lin.bias.detach().to(dtype)).float()
+        torch.testing.assert_close(a, dense, atol=0.05 if bf16_units else 1e-4, rtol=0.02 if bf16_units else 1e-4)
+        below = native(x[:, 1:])  # the int8 kernel: int8 activations, not equal to the dense product
+        assert not torch.allclose(below, dense[:, 1:], atol=1e-6, rtol=0)
+        assert float((below - b[:, 1:]).norm() / b[:, 1:].norm()) < 0.01
+    finally:
+        quant.native_dense_path.cache_clear()
 
 
 def test_kernel_builds_where_a_compiler_exists() -> None:
