@@ -135,7 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ttft-len", type=int, default=4096)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu_dense.json"))
+    ap.add_argument("--tuned", help="GEMV configs from a sweep's output (benchmarks/gpu_int4_decode.py --out), over "
+                                    "modelcore.triton_int4.TUNED")
     a = ap.parse_args(argv)
+    tuned = None
+    if a.tuned:
+        from modelcore import triton_int4
+
+        tuned = {name: v["cfg"] for name, v in json.loads(Path(a.tuned).read_text())["best"].items()}
+        for v in json.loads(Path(a.tuned).read_text())["best"].values():
+            triton_int4.TUNED[(1, v["n"], v["k"], v["gated"])] = {kk: vv for kk, vv in v["cfg"].items() if kk != "MB"}
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -153,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     ours.fuse_projections()  # q/k/v and gate/up as one matmul each (before quantizing: CUDA int4 cannot be concatenated)
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": CFG | {"num_hidden_layers": a.layers},
                  "prompt": a.prompt, "new_tokens": a.new, "command": "python benchmarks/gpu_dense.py " + " ".join(argv or sys.argv[1:])}
+    if tuned:
+        out["gemv_configs_from_sweep"] = tuned
     with torch.inference_mode():
         ids = torch.randint(0, cfg.vocab_size, (1, 64), device="cuda")
         la, lb = ours(ids).logits.float(), hf(ids).logits.float()

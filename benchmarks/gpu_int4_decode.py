@@ -79,6 +79,77 @@ def cfg_key(cfg: dict) -> str:
     return "_".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(cfg.items()))
 
 
+# --quick: a short list per shape (real epilogue, programmatic dependent launches on), the tuned config first (it is
+# also timed with PDL off). Register use from ptxas -v (Triton 3.6, sm_90a, 16-divisible arguments): gate_up 127, down
+# 128, o 128, qkv 255, head 96; maxnreg 96 fits gate_up and down without spills (80 spills a little), so more programs
+# are resident per SM (bytes in flight); PREFETCH=2 fits in 128 without spills.
+QUICK = {
+    "qkv": [dict(BN=64, BB=8, num_warps=2, KS=7, FAST=True), dict(BN=32, BB=8, num_warps=2, KS=7, FAST=True),
+            dict(BN=32, BB=8, num_warps=2, KS=14, FAST=True), dict(BN=64, BB=8, num_warps=2, KS=14, FAST=True),
+            dict(BN=16, BB=8, num_warps=1, KS=7, FAST=True, maxnreg=128)],
+    "o": [dict(BN=16, BB=16, num_warps=2, KS=1), dict(BN=16, BB=8, num_warps=1, KS=4),
+          dict(BN=16, BB=8, num_warps=1, KS=7), dict(BN=16, BB=16, num_warps=2, KS=1, PREFETCH=2),
+          dict(BN=32, BB=8, num_warps=2, KS=7, FAST=True)],
+    "gate_up": [dict(BN=8, BB=16, num_warps=2, KS=1), dict(BN=8, BB=16, num_warps=2, KS=1, maxnreg=96),
+                dict(BN=8, BB=16, num_warps=2, KS=1, maxnreg=80), dict(BN=8, BB=16, num_warps=2, KS=1, PREFETCH=2),
+                dict(BN=8, BB=16, num_warps=2, KS=1, FAST=True, maxnreg=128),
+                dict(BN=8, BB=8, num_warps=1, KS=1, maxnreg=96)],
+    "down": [dict(BN=16, BB=8, num_warps=1, KS=7), dict(BN=16, BB=8, num_warps=1, KS=7, maxnreg=96),
+             dict(BN=16, BB=8, num_warps=1, KS=10, maxnreg=96), dict(BN=16, BB=8, num_warps=1, KS=12, maxnreg=96),
+             dict(BN=16, BB=8, num_warps=1, KS=14, maxnreg=96), dict(BN=16, BB=8, num_warps=1, KS=7, PREFETCH=2),
+             dict(BN=16, BB=8, num_warps=1, KS=12, PREFETCH=2)],
+    "head": [dict(BN=32, BB=8, num_warps=2, KS=1, FAST=True), dict(BN=32, BB=8, num_warps=2, KS=1, FAST=True, maxnreg=80),
+             dict(BN=32, BB=8, num_warps=2, KS=1, FAST=True, PREFETCH=2),
+             dict(BN=16, BB=8, num_warps=1, KS=1, FAST=True, maxnreg=96)],
+}
+
+
+def quick_sweep(results: dict) -> dict:
+    """The QUICK candidates of each shape, timed as `sweep` times them (28 weights in one graph)."""
+    x = torch.randn(1, INTER, device="cuda", dtype=torch.bfloat16)
+    best: dict = {}
+    results["sweep_us"] = {}
+    for name, (n, k, kind) in SHAPES.items():
+        copies = 4 if name == "head" else LAYERS
+        ws = weights(n, k, copies)
+        xk = x[:, :k].contiguous()
+        bias = torch.randn(n, device="cuda") if kind == "bias" else None
+        out_n = n // 2 if kind == "gated" else n
+        res = torch.randn(1, out_n, device="cuda", dtype=torch.bfloat16) if kind == "res" else None
+        y = torch.empty(1, out_n, device="cuda", dtype=torch.bfloat16)
+        gbytes = sum(p.numel() + s.numel() * 2 for p, s in ws) / 1e9
+        table = results["sweep_us"][name] = {}
+        t0 = time.perf_counter()
+        timed = []
+        cands = [dict(c, MB=1, PREFETCH=c.get("PREFETCH", 1)) for c in QUICK[name]]
+        for cfg in cands + [dict(cands[0], PDL=False)]:
+            def fn():
+                for p, s in ws:
+                    triton_int4.gemv(xk, p, s, 128, bias, y, residual=res, gated=kind == "gated", **cfg)
+            try:
+                us = graph_time_us(fn) / copies
+            except Exception as exc:  # noqa: BLE001 - a config the compiler rejects: skip it
+                print(name, cfg, "failed:", repr(exc)[:300], flush=True)
+                continue
+            table["real_" + cfg_key(cfg)] = round(us, 2)
+            print(f"  {name:8s} {us:8.2f} us {cfg_key(cfg)}", flush=True)
+            if cfg.get("PDL", True):
+                timed.append((us, cfg))
+        us, cfg = min(timed, key=lambda t: t[0])
+        best[name] = {"n": n, "k": k, "gated": kind == "gated", "cfg": cfg, "us": round(us, 2),
+                      "tb_s": round(gbytes / copies / (us * 1e-6) / 1e3, 3),
+                      "default_us": table.get("real_" + cfg_key(cands[0])), "sweep_s": round(time.perf_counter() - t0, 1)}
+        print(name, best[name], flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    per_token = sum(v["us"] * (1 if name == "head" else LAYERS) for name, v in best.items())
+    per_token_default = sum((v["default_us"] or v["us"]) * (1 if name == "head" else LAYERS) for name, v in best.items())
+    results["best"] = best
+    results["gemv_ms_per_token"] = {"best": round(per_token / 1000, 3), "default": round(per_token_default / 1000, 3)}
+    print("gemv ms/token", results["gemv_ms_per_token"], flush=True)
+    return best
+
+
 def sweep(results: dict) -> dict:
     x = torch.randn(1, INTER, device="cuda", dtype=torch.bfloat16)
     best: dict = {}
@@ -193,7 +264,7 @@ def set_fused(model, on: bool) -> None:
             mod.fused_cuda = on
 
 
-def model_part(results: dict, tuned: bool) -> None:
+def model_part(results: dict, tuned: bool, pdl_ab: bool = False) -> None:
     model = build_model()
     gen = lambda ids, n: model.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     res = results.setdefault("model", {})
@@ -202,6 +273,16 @@ def model_part(results: dict, tuned: bool) -> None:
 
     split = (triton_attention.SPLIT_LEN, triton_attention.SPLIT_FROM)
     labels = ["tuned", "attn_one_program", "attn_split128"] + (["default_cfg"] if tuned else [])
+    down_key = (1, DIM, INTER, False)
+    down_cfg = dict(triton_int4.TUNED[down_key])
+    variants = {  # --pdl-ab: the tuned step against the down GEMV launched plainly, its old config, and no PDL at all
+        "down_no_pdl": lambda: triton_int4.TUNED.__setitem__(down_key, dict(down_cfg, PDL=False)),
+        "down_ks7_no_pdl": lambda: triton_int4.TUNED.__setitem__(down_key, dict(BN=16, BB=8, PREFETCH=1, num_warps=1,
+                                                                                 KS=7, PDL=False)),
+        "no_pdl": lambda: (triton_int4.TUNED.__setitem__(down_key, down_cfg), setattr(triton_int4, "PDL", False)),
+    }
+    if pdl_ab:
+        labels = ["tuned", *variants]
     for label in labels:
         if label != labels[0]:
             model.__dict__.pop("_graph_decoders", None)  # recapture with these settings (compiled blocks kept)
@@ -209,6 +290,8 @@ def model_part(results: dict, tuned: bool) -> None:
                                                                    "attn_split128": (128, 128)}.get(label, split)
         if label == "default_cfg":
             triton_int4.TUNED.clear()
+        if label in variants:
+            variants[label]()
         first = _timed(lambda: gen(ids, 129))
         t1 = min(_timed(lambda: gen(ids, 1)) for _ in range(3))
         tn = min(_timed(lambda: gen(ids, 129)) for _ in range(2))
@@ -230,6 +313,19 @@ def model_part(results: dict, tuned: bool) -> None:
             except Exception as exc:  # noqa: BLE001 - the profile is a diagnostic
                 print("profile failed:", repr(exc)[:300], flush=True)
     triton_attention.SPLIT_LEN, triton_attention.SPLIT_FROM = split
+    if pdl_ab:  # the down launch of the fastest step (graph replay) -> results["best"] for gpu_dense.py --tuned
+        triton_int4.PDL = None
+        pick = min(("tuned", "down_no_pdl", "down_ks7_no_pdl"), key=lambda lb: res[lb]["graph_step_ms"])
+        if res[pick]["graph_step_ms"] > 0.995 * res["tuned"]["graph_step_ms"]:
+            pick = "tuned"
+        triton_int4.TUNED[down_key] = down_cfg
+        if pick != "tuned":
+            variants[pick]()
+        res["picked_down"] = pick
+        results["best"] = {name: {"n": n, "k": k, "gated": kind == "gated",
+                                  "cfg": triton_int4.gemv_config(1, n, k, gated=kind == "gated")}
+                           for name, (n, k, kind) in SHAPES.items()}
+        print("picked", pick, results["best"]["down"], flush=True)
     ids = torch.randint(0, VOCAB, (1, 4096), device="cuda")
     for on in (True, False):
         set_fused(model, on)
@@ -265,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "int4_decode.json"))
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="time only the QUICK candidates of each shape")
+    ap.add_argument("--pdl-ab", action="store_true", help="model step: tuned vs the down GEMV without PDL vs no PDL")
     a = ap.parse_args(argv)
     import triton
 
@@ -272,12 +370,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "command": "python3 benchmarks/gpu_int4_decode.py " + " ".join(argv or sys.argv[1:])}
     best = None
     if not a.skip_sweep:
-        best = sweep(results)
+        best = quick_sweep(results) if a.quick else sweep(results)
         apply_tuned(best)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     if not a.skip_model:
-        model_part(results, tuned=best is not None)
+        model_part(results, tuned=best is not None, pdl_ab=a.pdl_ab)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in results.items() if k != "sweep_us"}, indent=1))

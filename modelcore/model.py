@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelcore import triton_attention, triton_mlp
+from modelcore import triton_attention, triton_int4, triton_mlp
 from modelcore.args import ModelArgs
 from modelcore.cache import KVCache
 from modelcore.rope import RotaryEmbedding, apply_rotary
@@ -106,6 +106,17 @@ class RMSNorm(nn.Module):
         if x.is_cuda:  # one fused kernel reading x once (float32 statistics; the weight applied before rounding)
             return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def _decode_norm(norm: RMSNorm, x: torch.Tensor, nxt: nn.Module | None) -> torch.Tensor:
+    """norm(x). On CUDA, for a few 16-bit rows (decode) that feed a CUDA int4 linear: triton_int4's norm kernel, one
+    opaque op launched as a programmatic dependent, so the GEMV after it starts and streams its weights while the
+    norm runs (the same maths as F.rms_norm: float32 statistics, the weight applied before one rounding)."""
+    rows = x.numel() // x.shape[-1]
+    if nxt is not None and _cuda_int4(nxt) and _cuda_fusable(x) and rows <= triton_int4.GEMV_MAX_ROWS:
+        return torch.ops.modelcore.rms_norm_rows(x.reshape(rows, x.shape[-1]), norm.weight.to(x.dtype),
+                                                 norm.eps).view(x.shape)
+    return norm(x)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -364,8 +375,10 @@ class Block(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask)
         elif self.fused_cuda and _cuda_fusable(x) and isinstance(self.self_attn, Attention) and isinstance(self.mlp, MLP):
             # CUDA: the residual adds happen inside the output projections' kernels (see linear_residual)
-            x = self.self_attn(self.input_layernorm(x), positions, cache, mask, rope=rope, causal=causal, residual=x)
-            return self.mlp(self.post_attention_layernorm(x), residual=x)
+            h = _decode_norm(self.input_layernorm, x, getattr(self.self_attn, "qkv_proj", None))
+            x = self.self_attn(h, positions, cache, mask, rope=rope, causal=causal, residual=x)
+            return self.mlp(_decode_norm(self.post_attention_layernorm, x, getattr(self.mlp, "gate_up_proj", None)),
+                            residual=x)
         else:
             x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask, rope=rope, causal=causal)
         return x + self.mlp(self.post_attention_layernorm(x))

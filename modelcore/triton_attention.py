@@ -29,6 +29,9 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
+if triton is not None:
+    from modelcore.triton_int4 import _pdl_launch, _pdl_wait
+
 SPLIT_LEN = 64  # keys per program (a program per (row, kv head, key range); the last one to finish combines)
 SPLIT_FROM = 64  # caches up to this many slots: one program per (row, kv head) walks all keys
 
@@ -56,7 +59,8 @@ if triton is not None:
                             stride_qkv, stride_cs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                             stride_out, qk_scale,
                             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
-                            CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SEM: tl.constexpr):
+                            CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SEM: tl.constexpr,
+                            PDL: tl.constexpr = False):
         """Program (b, g, s): q heads g*REP .. g*REP+REP-1 of row b over key range s (slots [s*CHUNK, +CHUNK)).
         SEM (NSPLIT > 1): ranges past the row's position return at once; the others store their partial softmax,
         count themselves in at cnt_ptr[b * HKV + g], and the last of them combines the partials (in range order) and
@@ -64,6 +68,9 @@ if triton is not None:
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
+        if PDL:  # launched as a programmatic dependent (triton_int4.pdl()): wait for the qkv GEMV, let o_proj start
+            _pdl_wait()
+            _pdl_launch()
         pos = tl.load(pos_ptr + b).to(tl.int32)
         if SEM:
             if s > pos // CHUNK:
@@ -223,11 +230,12 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     pos = positions.reshape(b)
     sem = sem and ns > 1 and b * n_kv_heads <= triton_int4._COUNTERS
     cnt = triton_int4._counters(qkv.device) if sem else out
+    on = triton_int4.pdl() and (sem or ns == 1)  # the two-launch form keeps plain launches
     _decode_attn_kernel[(b, n_kv_heads, ns)](
         qkv, cos, sin, pos, k_cache, v_cache, out, pacc, pm, pl, cnt, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), scale * math.log2(math.e), H=n_heads, HKV=n_kv_heads, D=d, REP=rep, RP=rp, CHUNK=chunk,
-        NSPLIT=ns, BLOCK_N=block_n, SEM=sem, num_warps=num_warps)
+        NSPLIT=ns, BLOCK_N=block_n, SEM=sem, PDL=on, num_warps=num_warps, **({"launch_pdl": True} if on else {}))
     if ns > 1 and not sem:
         _decode_attn_combine[(b, n_heads)](pacc, pm, pl, out, out.stride(0), H=n_heads, D=d, NSPLIT=ns,
                                            NSP=triton.next_power_of_2(ns), num_warps=4)

@@ -341,3 +341,77 @@ def test_fused_cuda_paths_match_reference_ops(quant, batch) -> None:
     a, b = logits[True], logits[False]
     assert float((a - b).norm() / b.norm()) < 2e-2
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) > 0.999
+
+
+@pytest.mark.parametrize("m,d", [(1, 3584), (3, 200)])
+def test_rms_norm_rows_matches_reference(m: int, d: int) -> None:
+    """The decode norm kernel (modelcore::rms_norm_rows) against the float32 twin and F.rms_norm."""
+    import torch.nn.functional as F
+
+    from modelcore import triton_int4
+
+    if not triton_int4.available():
+        pytest.skip("needs Triton")
+    x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16) * 3
+    w = (torch.rand(d, device="cuda") + 0.5).to(torch.bfloat16)
+    ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+    y = torch.ops.modelcore.rms_norm_rows(x, w, 1e-6)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)  # one bf16 rounding
+    torch.testing.assert_close(y, F.rms_norm(x, (d,), w, eps=1e-6), rtol=1e-2, atol=1e-2)
+    xs = torch.randn(m, 2 * d, device="cuda", dtype=torch.bfloat16)[:, ::2]  # strided: the op makes it contiguous
+    torch.testing.assert_close(torch.ops.modelcore.rms_norm_rows(xs, w, 1e-6).float(),
+                               xs.float() * torch.rsqrt(xs.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float(),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_pdl_chain_in_graph_equals_plain_launches() -> None:
+    """norm -> qkv-like GEMV (split K) -> gated GEMV -> GEMV with the residual, as the decode step chains them: with
+    programmatic dependent launches (eagerly and replayed from a CUDA graph) bit-equal to plain launches, and each
+    link against its torch twin."""
+    import torch.nn.functional as F
+
+    from modelcore import triton_int4
+
+    if not triton_int4.available():
+        pytest.skip("needs Triton")
+    if not triton_int4.pdl():
+        pytest.skip("no programmatic dependent launch here (needs sm_90 and Triton's launch_pdl)")
+    d, inter, group = 1024, 2048, 128
+    q1, q2, q3 = _int4_weight(d, d, group, 31), _int4_weight(2 * inter, d, group, 32), _int4_weight(d, inter, group, 33)
+    p1, s1, p2, s2, p3, s3 = (t for q in (q1, q2, q3) for t in (triton_int4.pack(q.codes), _sz(q)))
+    bias = torch.randn(d, device="cuda")
+    nw = (torch.rand(d, device="cuda") + 0.5).to(torch.bfloat16)
+    x = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+
+    def chain(src: torch.Tensor, **cfg) -> tuple[torch.Tensor, ...]:
+        on = cfg.get("PDL", True)
+        h = triton_int4.rms_norm(src, nw, 1e-6, pdl_launch=on)
+        a = triton_int4.gemv(h, p1, s1, group, bias, residual=src, KS=4, BB=8, **cfg)
+        g = triton_int4.gemv(triton_int4.rms_norm(a, nw, 1e-6, pdl_launch=on), p2, s2, group, gated=True, **cfg)
+        return h, a, g, triton_int4.gemv(g, p3, s3, group, residual=a, KS=4, BB=8, **cfg)
+
+    plain = chain(x, PDL=False)
+    eager = chain(x)
+    assert all(torch.equal(u, v) for u, v in zip(plain, eager))
+    static = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(static)
+    for _ in range(3):
+        static.copy_(torch.randn_like(static))
+        graph.replay()
+        want = chain(static, PDL=False)
+        assert all(torch.equal(u, v) for u, v in zip(outs, want))
+    h, a, g, y = plain
+    w1, w2, w3 = (triton_int4.dequantize_reference(p, s, group) for p, s in ((p1, s1), (p2, s2), (p3, s3)))
+    torch.testing.assert_close(h, F.rms_norm(x, (d,), nw, eps=1e-6), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(a.float(), h.float() @ w1.T + bias + x.float(), rtol=4e-3, atol=1e-2)
+    gu = triton_int4.rms_norm(a, nw, 1e-6).float() @ w2.T
+    torch.testing.assert_close(g.float(), F.silu(gu[:, :inter]) * gu[:, inter:], rtol=4e-3, atol=1e-3)
+    torch.testing.assert_close(y.float(), g.float() @ w3.T + a.float(), rtol=4e-3, atol=1e-2)
