@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from modelcore import cpu_int4
-from modelcore.quant import Int4Linear, TiedInt4Embedding, cat_linears, quantize_int4, quantize_model
+from modelcore.quant import Int4Linear, Int8Linear, TiedInt4Embedding, cat_linears, quantize_int4, quantize_model
 
 
 def _cpu_flags() -> set[str]:
@@ -231,6 +231,25 @@ def test_native_int4_long_inputs_take_the_dense_path(bf16_units: bool, monkeypat
         assert float((below - b[:, 1:]).norm() / b[:, 1:].norm()) < 0.01
     finally:
         quant.native_dense_path.cache_clear()
+
+
+def test_native_int8_long_inputs_follow_the_build() -> None:
+    """A native int8 layer with 40 rows: on the AVX2 build it stays on our kernel (equal to calling it), elsewhere
+    it goes to torch's packed kernel from 17 rows; either way within 1% of its float twin."""
+    lib = cpu_int4.library()
+    if lib is None:
+        pytest.skip("the native kernel does not build here")
+    from modelcore.quant import NATIVE_INT8_MAX_ROWS, native_int8_max_rows, quantize_int8
+
+    assert native_int8_max_rows() == (1 << 62 if lib.isa == "avx2" else NATIVE_INT8_MAX_ROWS)
+    torch.manual_seed(12)
+    q, s = quantize_int8(torch.randn(64, 128))
+    native, fallback = Int8Linear(q, s, None, kernel="native"), Int8Linear(q, s, None, kernel="fallback")
+    x = torch.randn(40, 128)
+    a, b = native(x), fallback(x)
+    assert float((a - b).norm() / b.norm()) < 0.01
+    if lib.isa == "avx2":
+        assert torch.equal(a, lib.int8_matmul(x, native.weight, native.scales))
 
 
 def test_kernel_builds_where_a_compiler_exists() -> None:
