@@ -104,6 +104,19 @@ QUICK = {
 }
 
 
+def shape_inputs(x: torch.Tensor, n: int, k: int, kind: str, copies: int) -> tuple:
+    """One shape's sweep inputs: `copies` int4 weights (N, K), x cut to K columns, the bias or residual its kind
+    takes (else None), the output buffer (N/2 columns for the gated gate/up), and the weights' GB."""
+    ws = weights(n, k, copies)
+    xk = x[:, :k].contiguous()
+    bias = torch.randn(n, device="cuda") if kind == "bias" else None
+    out_n = n // 2 if kind == "gated" else n
+    res = torch.randn(1, out_n, device="cuda", dtype=torch.bfloat16) if kind == "res" else None
+    y = torch.empty(1, out_n, device="cuda", dtype=torch.bfloat16)
+    gbytes = sum(p.numel() + s.numel() * 2 for p, s in ws) / 1e9
+    return ws, xk, bias, res, y, gbytes
+
+
 def quick_sweep(results: dict) -> dict:
     """The QUICK candidates of each shape, timed as `sweep` times them (28 weights in one graph)."""
     x = torch.randn(1, INTER, device="cuda", dtype=torch.bfloat16)
@@ -111,13 +124,7 @@ def quick_sweep(results: dict) -> dict:
     results["sweep_us"] = {}
     for name, (n, k, kind) in SHAPES.items():
         copies = 4 if name == "head" else LAYERS
-        ws = weights(n, k, copies)
-        xk = x[:, :k].contiguous()
-        bias = torch.randn(n, device="cuda") if kind == "bias" else None
-        out_n = n // 2 if kind == "gated" else n
-        res = torch.randn(1, out_n, device="cuda", dtype=torch.bfloat16) if kind == "res" else None
-        y = torch.empty(1, out_n, device="cuda", dtype=torch.bfloat16)
-        gbytes = sum(p.numel() + s.numel() * 2 for p, s in ws) / 1e9
+        ws, xk, bias, res, y, gbytes = shape_inputs(x, n, k, kind, copies)
         table = results["sweep_us"][name] = {}
         t0 = time.perf_counter()
         timed = []
@@ -156,14 +163,8 @@ def sweep(results: dict) -> dict:
     results["sweep_us"] = {}
     for name, (n, k, kind) in SHAPES.items():
         copies = 4 if name == "head" else LAYERS
-        ws = weights(n, k, copies)
-        xk = x[:, :k].contiguous()
-        bias = torch.randn(n, device="cuda") if kind == "bias" else None
-        out_n = n // 2 if kind == "gated" else n
-        res = torch.randn(1, out_n, device="cuda", dtype=torch.bfloat16) if kind == "res" else None
-        y = torch.empty(1, out_n, device="cuda", dtype=torch.bfloat16)
+        ws, xk, bias, res, y, gbytes = shape_inputs(x, n, k, kind, copies)
         yp = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        gbytes = sum(p.numel() + s.numel() * 2 for p, s in ws) / 1e9
         table = results["sweep_us"][name] = {}
 
         def run(cfg: dict, real: bool) -> float:
