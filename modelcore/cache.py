@@ -65,7 +65,8 @@ class KVCache:
         """Keep only `rows` (in that order), e.g. after finished requests leave a batch."""
         self.k, self.v = self.k[rows], self.v[rows]
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Copy the cached keys/values of row `src` into row `dst`."""
-        self.k[dst].copy_(self.k[src])
-        self.v[dst].copy_(self.v[src])
+    def copy_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy the cached keys/values of row `src` into row `dst` (slots 0..length-1; default all)."""
+        n = self.max_len if length is None else length
+        self.k[dst, :, :n].copy_(self.k[src, :, :n])
+        self.v[dst, :, :n].copy_(self.v[src, :, :n])

@@ -238,10 +238,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def copy_cache_row(cache: list, src: int, dst: int) -> None:
-    """Move request row `src` into row `dst` in every layer."""
+def copy_cache_row(cache: list, src: int, dst: int, length: int | None = None) -> None:
+    """Move request row `src` into row `dst` in every layer: its slots 0..length-1 (default all); the later ones hold
+    nothing yet (each decode step writes its slot before reading it)."""
     for layer in cache:
-        layer.copy_row(src, dst)
+        layer.copy_row(src, dst, length)
 
 
 class Engine:
@@ -554,8 +555,8 @@ class Engine:
 
     def _free(self, st: RowState) -> None:
         row, last = self._rows.index(st), len(self._rows) - 1
-        if row != last:
-            copy_cache_row(self._cache, last, row)
+        if row != last:  # the moved request's K/V so far: its prompt and the tokens fed since (slots < pos)
+            copy_cache_row(self._cache, last, row, min(self._rows[last].pos + 1, self.max_context))
             self._rows[row] = self._rows[last]
         self._rows.pop()
 

@@ -64,9 +64,10 @@ class LatentCache:
         """Keep only `rows` (in that order)."""
         self.kv = self.kv[rows]
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Copy row `src`'s cached latents into row `dst`."""
-        self.kv[dst].copy_(self.kv[src])
+    def copy_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy row `src`'s cached latents into row `dst` (slots 0..length-1; default all)."""
+        n = self.max_len if length is None else length
+        self.kv[dst, :, :n].copy_(self.kv[src, :, :n])
 
 
 class MLA(nn.Module):

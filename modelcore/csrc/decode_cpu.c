@@ -58,6 +58,65 @@ static inline float vexpf(float x) {
 
 /* Attention of the `rep` query heads that share one key/value head, over keys [start, S): each key row is read once
  * for all of them. q: rep * hd, o: rep * hd, sc: rep * S floats of scratch. */
+#if defined(__AVX512F__)
+/* vexpf on 16 lanes (GCC leaves the scalar one unvectorized in the loops below): the same reduction and polynomial,
+ * with 2^n applied by vscalefps. */
+static inline __m512 vexp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, f), f, f), _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* act[i] = silu(g[i]) * u[i] for i in [0, n) */
+static void silu_mul(const float *g, const float *u, float *act, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+        const __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), vexp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_mask_storeu_ps(act + i, m, _mm512_mul_ps(sg, uv));
+    }
+}
+
+/* Softmax in place over [start, S) of each of the rep score rows (row r at sc + r * S). */
+static void softmax_rows(float *sc, int64_t rep, int64_t start, int64_t S) {
+    const int64_t n = S - start;
+    for (int64_t r = 0; r < rep; ++r) {
+        float *sr = sc + r * S + start;
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, sr + i));
+        }
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            const __m512 e = vexp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + i), mx));
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+            _mm512_mask_storeu_ps(sr + i, m, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            _mm512_mask_storeu_ps(sr + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + i), inv));
+        }
+    }
+}
+#else
+static void silu_mul(const float *g, const float *u, float *act, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) act[i] = g[i] / (1.f + vexpf(-g[i])) * u[i];
+}
+
 /* Softmax in place over [start, S) of each of the rep score rows (row r at sc + r * S). */
 static void softmax_rows(float *sc, int64_t rep, int64_t start, int64_t S) {
     for (int64_t r = 0; r < rep; ++r) {
@@ -73,6 +132,7 @@ static void softmax_rows(float *sc, int64_t rep, int64_t start, int64_t S) {
         for (int64_t s = start; s < S; ++s) sr[s] *= inv;
     }
 }
+#endif
 
 #if defined(__AVX512F__)
 #define ATT_MAXV 16 /* query heads x head_dim / 16 held in registers */
@@ -100,11 +160,79 @@ static void attend_group_avx512(const float *q, const float *kb, const float *vb
     }
     for (int64_t j = 0; j < rep * nv; ++j) _mm512_storeu_ps(o + 16 * j, ov[j]);
 }
+
+/* The 8 horizontal sums of v[0..7] as one vector (lane j = sum of v[j]'s 16 lanes): 25 shuffles and adds where eight
+ * separate reductions take some 64. */
+static inline __m256 reduce8_ps(const __m512 *v) {
+    __m512 w[4], x[2];
+    for (int p = 0; p < 4; ++p)  /* 128-bit lanes (a0+a2, a1+a3, b0+b2, b1+b3) of a = v[2p], b = v[2p+1] */
+        w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int p = 0; p < 2; ++p)  /* 128-bit lane k: 4 partial sums of v[4p + k] */
+        x[p] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * p], w[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(z, z, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(z, z, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* lane k of 128-bit lane L now holds v[L] (k even) or v[4 + L] (k odd) */
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), t));
+}
+
+/* attend_group_avx512 with the head count and width known to the compiler (queries, outputs in registers), and the
+ * scores of 8 keys at a time reduced together. */
+static inline __attribute__((always_inline)) void attend_fixed(const float *q, const float *kb, const float *vb, const int rep,
+                                                              const int nv, int64_t start, int64_t S, float scale, float *sc,
+                                                              float *o) {
+    const int64_t hd = 16 * nv;
+    __m512 qv[ATT_MAXV], ov[ATT_MAXV];
+    for (int j = 0; j < rep * nv; ++j) { qv[j] = _mm512_loadu_ps(q + 16 * j); ov[j] = _mm512_setzero_ps(); }
+    const __m256 sv = _mm256_set1_ps(scale);
+    int64_t s = start;
+    for (; s + 8 <= S; s += 8) {
+        const float *ks = kb + s * hd;
+        for (int r = 0; r < rep; ++r) {
+            __m512 acc[8];
+            for (int i = 0; i < 8; ++i) {
+                acc[i] = _mm512_mul_ps(qv[r * nv], _mm512_loadu_ps(ks + i * hd));
+                for (int j = 1; j < nv; ++j) acc[i] = _mm512_fmadd_ps(qv[r * nv + j], _mm512_loadu_ps(ks + i * hd + 16 * j), acc[i]);
+            }
+            _mm256_storeu_ps(sc + r * S + s, _mm256_mul_ps(reduce8_ps(acc), sv));
+        }
+    }
+    for (; s < S; ++s) {
+        const float *ks = kb + s * hd;
+        for (int r = 0; r < rep; ++r) {
+            __m512 acc = _mm512_mul_ps(qv[r * nv], _mm512_loadu_ps(ks));
+            for (int j = 1; j < nv; ++j) acc = _mm512_fmadd_ps(qv[r * nv + j], _mm512_loadu_ps(ks + 16 * j), acc);
+            sc[r * S + s] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    softmax_rows(sc, rep, start, S);
+    for (s = start; s < S; ++s) {
+        const float *vs = vb + s * hd;
+        for (int j = 0; j < nv; ++j) {
+            const __m512 v = _mm512_loadu_ps(vs + 16 * j);
+            for (int r = 0; r < rep; ++r) ov[r * nv + j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * S + s]), v, ov[r * nv + j]);
+        }
+    }
+    for (int j = 0; j < rep * nv; ++j) _mm512_storeu_ps(o + 16 * j, ov[j]);
+}
 #endif
 
 static void attend_group(const float *q, const float *kb, const float *vb, int64_t rep, int64_t start, int64_t S,
                          int64_t hd, float scale, float *sc, float *o) {
 #if defined(__AVX512F__)
+    if (hd == 64 || hd == 128) {  /* Llama/Qwen head widths: a build per (rep, width) */
+        switch ((hd / 16) * 8 + rep) {
+        case 33: attend_fixed(q, kb, vb, 1, 4, start, S, scale, sc, o); return;
+        case 34: attend_fixed(q, kb, vb, 2, 4, start, S, scale, sc, o); return;
+        case 35: attend_fixed(q, kb, vb, 3, 4, start, S, scale, sc, o); return;
+        case 36: attend_fixed(q, kb, vb, 4, 4, start, S, scale, sc, o); return;
+        case 65: attend_fixed(q, kb, vb, 1, 8, start, S, scale, sc, o); return;
+        case 66: attend_fixed(q, kb, vb, 2, 8, start, S, scale, sc, o); return;
+        default: break;
+        }
+    }
     if (hd % 16 == 0 && rep * (hd / 16) <= ATT_MAXV) {
         attend_group_avx512(q, kb, vb, rep, start, S, hd, scale, sc, o);
         return;
@@ -165,8 +293,8 @@ int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, i
         for (int l = 0; l < n_layers; ++l) {
             const int64_t *tb = table + (int64_t)l * DECODE_FIELDS;
             float *kc = (float *)caches[2 * l], *vc = (float *)caches[2 * l + 1];
-            if (t == 0)
-                for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * D, (const float *)tb[F_NORM1], D, eps, x + b * D);
+            mc_split_range(B, t, nt, &lo, &hi);
+            for (int64_t b = lo; b < hi; ++b) rmsnorm(h + b * D, (const float *)tb[F_NORM1], D, eps, x + b * D);
             mc_barrier_wait(&bar);
             mc_int4_team(x, B, D, nqkv, (const uint8_t *)tb[F_QKV], (const uint16_t *)tb[F_QKV_S], group, qkv, xq, dq, t, nt, &bar);
             mc_split_range(B, t, nt, &lo, &hi);
@@ -204,11 +332,11 @@ int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, i
             mc_barrier_wait(&bar);
             mc_int4_team(x, B, D, 2 * I, (const uint8_t *)tb[F_GU], (const uint16_t *)tb[F_GU_S], group, gu, xq, dq, t, nt, &bar);
             mc_split_range(B * I, t, nt, &lo, &hi);
-#pragma omp simd
-            for (int64_t e = lo; e < hi; ++e) {
-                const int64_t b = e / I, i = e % I;
-                const float g = gu[b * 2 * I + i];
-                act[e] = g / (1.f + vexpf(-g)) * gu[b * 2 * I + I + i];
+            for (int64_t e = lo; e < hi;) {  /* this thread's part of row b: one contiguous run, vectorized */
+                const int64_t b = e / I, end = (b + 1) * I < hi ? (b + 1) * I : hi;
+                const float *g = gu + b * 2 * I + (e - b * I);  /* gate of element e; its up is I further */
+                silu_mul(g, g + I, act + e, end - e);
+                e = end;
             }
             mc_barrier_wait(&bar);
             mc_int4_team(act, B, I, D, (const uint8_t *)tb[F_DOWN], (const uint16_t *)tb[F_DOWN_S], group, x, xq, dq, t, nt, &bar);

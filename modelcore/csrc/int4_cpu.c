@@ -38,6 +38,26 @@ const char *mc_int4_isa(void) {
 /* x (M, K) float32 -> xq (M, K) int8, d (M, K/32) scales, xs (M, K/32) exact sums, qs (M, K/32) 8 * d * sum(xq). */
 static void quantize_act(const float *x, int64_t M, int64_t K, int8_t *xq, float *d, float *xs, float *qs) {
     const int64_t C = K / CHUNK;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    /* the same quantization, 16 lanes at a time (cvtps rounds to nearest even, as lrintf does; only the order in
+     * which the float sum xs adds up differs) */
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t c = 0; c < C; ++c) {
+            const float *p = x + m * K + c * CHUNK;
+            const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            const float scale = amax / 127.f;
+            const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+            int8_t *q = xq + m * K + c * CHUNK;
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qb));
+            d[m * C + c] = scale;
+            xs[m * C + c] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+            qs[m * C + c] = 8.f * scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+        }
+    }
+#else
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t c = 0; c < C; ++c) {
             const float *p = x + m * K + c * CHUNK;
@@ -60,6 +80,7 @@ static void quantize_act(const float *x, int64_t M, int64_t K, int8_t *xq, float
             qs[m * C + c] = 8.f * scale * (float)qsum;
         }
     }
+#endif
 }
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -74,7 +95,9 @@ static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* One block of 16 rows for `mt` (1..MT) rows of x. */
+/* One block of 16 rows for `mt` (1..MT) rows of x. Each chunk's integer sums go straight into the float
+ * accumulators, s * (d * isum - 8 * d * qsum) + zero * xs per chunk (no per-group float sums: with 8 rows of x those
+ * made 24 live vectors, and GCC spilled the integer sums to the stack inside the dot-product loop). */
 static inline __attribute__((always_inline)) void block_rows(const uint8_t *codes, const uint16_t *sz, const int8_t *xq, const float *d, const float *xs,
                        const float *qs, int64_t K, int64_t G, int cpg, int mt, float *y, int64_t ldy) {
     const int64_t C = K / CHUNK;
@@ -82,9 +105,8 @@ static inline __attribute__((always_inline)) void block_rows(const uint8_t *code
     __m512 acc[MT];
     for (int m = 0; m < mt; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
-        __m512 gacc[MT];
-        float xsg[MT], qsg[MT];
-        for (int m = 0; m < mt; ++m) { gacc[m] = _mm512_setzero_ps(); xsg[m] = qsg[m] = 0.f; }
+        const __m512 s = load_bf16x16(sz + g * 2 * ROWS);
+        const __m512 z = load_bf16x16(sz + g * 2 * ROWS + ROWS);
         for (int cc = 0; cc < cpg; ++cc) {
             const int64_t c = g * cpg + cc;
             const uint8_t *w = codes + c * CHUNK_BYTES;
@@ -109,17 +131,10 @@ static inline __attribute__((always_inline)) void block_rows(const uint8_t *code
                 }
             }
             for (int m = 0; m < mt; ++m) {
-                gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_set1_ps(d[m * C + c]), gacc[m]);
-                xsg[m] += xs[m * C + c];
-                qsg[m] += qs[m * C + c];
+                const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_set1_ps(d[m * C + c]), _mm512_set1_ps(qs[m * C + c]));
+                acc[m] = _mm512_fmadd_ps(s, t, acc[m]);
+                acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs[m * C + c]), acc[m]);
             }
-        }
-        const __m512 s = load_bf16x16(sz + g * 2 * ROWS);
-        const __m512 z = load_bf16x16(sz + g * 2 * ROWS + ROWS);
-        for (int m = 0; m < mt; ++m) {
-            const __m512 t = _mm512_sub_ps(gacc[m], _mm512_set1_ps(qsg[m]));
-            acc[m] = _mm512_fmadd_ps(s, t, acc[m]);
-            acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsg[m]), acc[m]);
         }
     }
     for (int m = 0; m < mt; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
@@ -443,33 +458,92 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* nr (1..4) weight rows from n0 times mr (1..4) rows of x from m0: per 64 columns, vpdpbusd of the unsigned weights
+ * (q ^ 0x80 = q + 128) against the activations, scaled by each chunk's d (dvec: 8 lanes per chunk). Each weight vector
+ * is loaded once for all rows of x and each activation vector once for all weight rows; every (row, row of x) pair
+ * adds its products in the same order whatever the tile, so one row of x gets the same bits alone or in a batch. */
+static inline __attribute__((always_inline)) void int8_tile512(const int8_t *w, const float *scales, int64_t n0, int nr,
+                                                               const int8_t *xq, const float *d, const float *dvec,
+                                                               const float *corr, int64_t m0, int mr, int64_t K,
+                                                               float *y, int64_t N) {
+    const int64_t V = K / 64;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4][4];
+    for (int r = 0; r < nr; ++r)
+        for (int m = 0; m < mr; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t v = 0; v < V; ++v) {
+        __m512i wu[4];
+        for (int r = 0; r < nr; ++r) {
+            /* the next tile's rows, one line each: 4 interleaved row streams outrun the hardware prefetcher */
+            _mm_prefetch((const char *)(w + (n0 + nr + r) * K + 64 * v), _MM_HINT_T0);
+            wu[r] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + (n0 + r) * K + 64 * v)), flip);
+        }
+        for (int m = 0; m < mr; ++m) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(xq + (m0 + m) * K + 64 * v));
+            const __m512 dv = _mm512_loadu_ps(dvec + ((m0 + m) * V + v) * 16);
+            for (int r = 0; r < nr; ++r)
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu[r], xv)), dv,
+                                            acc[r][m]);
+        }
+    }
+    if (K % 64) { /* a last chunk of 32 */
+        const int64_t k = 64 * V;
+        const __mmask64 half = 0xFFFFFFFFull;
+        for (int r = 0; r < nr; ++r) {
+            const __m512i wu = _mm512_maskz_mov_epi8(half, _mm512_xor_si512(_mm512_maskz_loadu_epi8(half, w + (n0 + r) * K + k), flip));
+            for (int m = 0; m < mr; ++m) {
+                const __m512i xv = _mm512_maskz_loadu_epi8(half, xq + (m0 + m) * K + k);
+                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv);
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_set1_ps(d[(m0 + m) * (K / CHUNK) + k / CHUNK]), acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; ++r)
+        for (int m = 0; m < mr; ++m) y[(m0 + m) * N + n0 + r] = scales[n0 + r] * (_mm512_reduce_add_ps(acc[r][m]) - corr[m0 + m]);
+}
+#endif
+
 static void int8_rows(const int8_t *w, const float *scales, int64_t n0, int64_t n1, const int8_t *xq, const float *d,
                       const float *dvec, const float *corr, int64_t M, int64_t K, float *y, int64_t N) {
     const int64_t C = K / CHUNK;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t n = n0; n < n1; ++n) {
-        const int8_t *wr = w + n * K;
-        for (int64_t m = 0; m < M; ++m) {
-            const int8_t *xr = xq + m * K;
-            const float *dr = d + m * C;
+    if (M == 1) { /* one row of x: row by row, one stream the hardware prefetcher follows (same sums as a tile) */
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int64_t n = n0; n < n1; ++n) {
+            const int8_t *wr = w + n * K;
             __m512 acc = _mm512_setzero_ps();
             int64_t k = 0;
-            const float *dvr = dvec + m * (K / 64) * 16;  /* per 64 columns: 8 lanes of each chunk's scale */
             for (; k + 64 <= K; k += 64) {
                 const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + k)), flip);
-                const __m512i xv = _mm512_loadu_si512((const void *)(xr + k));
-                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_loadu_ps(dvr + (k / 64) * 16), acc);
+                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512((const void *)(xq + k)));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_loadu_ps(dvec + (k / 64) * 16), acc);
             }
-            if (k < K) { /* a last chunk of 32 */
+            if (k < K) {
                 const __mmask64 half = 0xFFFFFFFFull;
-                const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(half, wr + k), flip);
-                const __m512i xv = _mm512_maskz_loadu_epi8(half, xr + k);
-                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_mov_epi8(half, wu), xv);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_set1_ps(dr[k / CHUNK]), acc);
+                const __m512i wu = _mm512_maskz_mov_epi8(half, _mm512_xor_si512(_mm512_maskz_loadu_epi8(half, wr + k), flip));
+                const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_maskz_loadu_epi8(half, xq + k));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_set1_ps(d[k / CHUNK]), acc);
             }
-            y[m * N + n] = scales[n] * (_mm512_reduce_add_ps(acc) - corr[m]);
+            y[n] = scales[n] * (_mm512_reduce_add_ps(acc) - corr[0]);
+        }
+        return;
+    }
+    (void)C;
+    for (int64_t n = n0; n < n1; n += 4) {
+        const int nr = n + 4 <= n1 ? 4 : (int)(n1 - n);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mr = (int)(M - m0 < 4 ? M - m0 : 4);
+            switch (nr * 4 + mr) {  /* constant tile sizes, so the 16 accumulators stay in registers */
+            case 20: int8_tile512(w, scales, n, 4, xq, d, dvec, corr, m0, 4, K, y, N); break;
+            case 19: int8_tile512(w, scales, n, 4, xq, d, dvec, corr, m0, 3, K, y, N); break;
+            case 18: int8_tile512(w, scales, n, 4, xq, d, dvec, corr, m0, 2, K, y, N); break;
+            case 17: int8_tile512(w, scales, n, 4, xq, d, dvec, corr, m0, 1, K, y, N); break;
+            default:
+                for (int r = 0; r < nr; ++r)
+                    for (int m = 0; m < mr; ++m) int8_tile512(w, scales, n + r, 1, xq, d, dvec, corr, m0 + m, 1, K, y, N);
+                break;
+            }
         }
     }
 #elif defined(__AVX2__) && defined(__FMA__)

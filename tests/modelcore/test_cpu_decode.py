@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(cpu_int4.library() is None, reason="the native k
 
 def _tiny(**kw) -> Transformer:
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=512, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, inter_dim=256, max_position_embeddings=128,
-                     **kw)
+    shape = dict(dim=128, n_heads=4, n_kv_heads=2) | {k: kw.pop(k) for k in ("dim", "n_heads", "n_kv_heads") if k in kw}
+    args = ModelArgs(vocab_size=512, n_layers=3, inter_dim=256, max_position_embeddings=128, **shape, **kw)
     model = Transformer(args).eval()
     with torch.no_grad():
         for layer in model.model.layers:  # non-trivial norms and biases
@@ -46,7 +46,24 @@ def test_fused_steps_match_torch_stack(variant: dict) -> None:
     (`cpu_int4.load("exact")`) against the torch stack on the same int4 codes dequantized (kernel="fallback"):
     final hidden states and the cache the C step wrote agree to 1e-4 of their scale. Product build (int8 activations):
     within 2% of the twin's logits (activation rounding)."""
-    model = _tiny(**variant)
+    _check_steps(_tiny(**variant))
+
+
+@pytest.mark.parametrize("shape", [
+    dict(dim=256, n_heads=4, n_kv_heads=1),  # head width 64, 4 query heads per key/value head
+    dict(dim=384, n_heads=6, n_kv_heads=2),  # 64, 3 (SmolLM2's grouping)
+    dict(dim=256, n_heads=4, n_kv_heads=2),  # 64, 2
+    dict(dim=256, n_heads=4, n_kv_heads=4),  # 64, 1
+    dict(dim=256, n_heads=2, n_kv_heads=1),  # 128, 2
+    dict(dim=256, n_heads=2, n_kv_heads=2, sliding_window=11),  # 128, 1, keys from a window start not a multiple of 8
+])
+def test_fused_steps_match_torch_stack_llama_head_shapes(shape: dict) -> None:
+    """The attention built per head width (64, 128) and grouping, scoring 8 keys at a time: 9..29 keys, so full
+    blocks of 8 and a remainder, checked as above."""
+    _check_steps(_tiny(**shape))
+
+
+def _check_steps(model: Transformer) -> None:
     assert supported(model)
     twin = copy.deepcopy(model)
     for mod in [m for m in twin.modules() if isinstance(m, Int4Linear)]:

@@ -169,6 +169,26 @@ def test_int8_kernel_matches_its_float64_twin(isa: str) -> None:
         kern.int8_matmul(torch.randn(1, k + 32), q, s)
 
 
+@pytest.mark.parametrize("isa", cpu_int4.ISAS)
+def test_rows_get_the_same_bits_alone_or_batched(isa: str) -> None:
+    """A row of x gives bit-identical outputs whether it is multiplied alone or with up to 9 others (int8: the tiles
+    of 4 weight rows x 4 rows of x and the one-row path; int4: register tiles of rows): so a greedy stream's text
+    does not depend on how many other streams the Engine batches with it."""
+    kern = _kernel(isa)
+    torch.manual_seed(9)
+    from modelcore.quant import quantize_int8
+
+    q, s = quantize_int8(torch.randn(43, 96))
+    qw = quantize_int4(torch.randn(48, 128), group_size=32)
+    blocks, block_scales = cpu_int4.pack(qw.codes, qw.scales, qw.mins + 8 * qw.scales)
+    for m in (2, 3, 5, 8, 10):
+        x8, x4 = torch.randn(m, 96), torch.randn(m, 128)
+        y8, y4 = kern.int8_matmul(x8, q, s), kern.matmul(x4, blocks, block_scales, 32)
+        for i in range(m):
+            assert torch.equal(y8[i], kern.int8_matmul(x8[i:i + 1].contiguous(), q, s)[0]), (m, i)
+            assert torch.equal(y4[i], kern.matmul(x4[i:i + 1].contiguous(), blocks, block_scales, 32)[0]), (m, i)
+
+
 def test_native_int8_linear_vs_fallback_and_tied_embedding() -> None:
     """Int8Linear(kernel="native") vs its dequantize-then-F.linear twin (< 1%); a tied int8 model shares one tensor."""
     if cpu_int4.library() is None:
