@@ -1,6 +1,7 @@
 """CUDA int4 decode, piece by piece, at the DeepSeek-R1-Distill-Qwen-7B shape (random weights): GEMV sweep, step profile.
 
-    python3 benchmarks/gpu_int4_decode.py --out $OUT/int4_decode.json [--skip-sweep] [--skip-model]
+    python3 benchmarks/gpu_int4_decode.py --out $OUT/int4_decode.json [--skip-sweep] [--skip-model] [--quick]
+        [--pdl-ab | --committed-ab]
 
 1. GEMV sweep (one row of x): each shape of a decoder layer (qkv with its bias, o and down with the residual, gate_up
    gated: silu(gate) * up in the epilogue) and the head. Each candidate runs over 28 different weights (4 for the
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modelcore import triton_int4  # noqa: E402
+
+COMMITTED = dict(triton_int4.TUNED)  # the configs as committed, before a sweep replaces any
 
 DIM, INTER, HEADS, KV, HEAD_DIM, VOCAB, LAYERS = 3584, 18944, 28, 4, 128, 152064, 28
 SHAPES = {  # name: (weight rows, K, kind)
@@ -89,15 +92,17 @@ QUICK = {
             dict(BN=16, BB=8, num_warps=1, KS=7, FAST=True, maxnreg=128)],
     "o": [dict(BN=16, BB=16, num_warps=2, KS=1), dict(BN=16, BB=8, num_warps=1, KS=4),
           dict(BN=16, BB=8, num_warps=1, KS=7), dict(BN=16, BB=16, num_warps=2, KS=1, PREFETCH=2),
-          dict(BN=32, BB=8, num_warps=2, KS=7, FAST=True)],
+          dict(BN=32, BB=8, num_warps=2, KS=7, FAST=True), dict(BN=16, BB=16, num_warps=2, KS=1, FAST=True)],
     "gate_up": [dict(BN=8, BB=16, num_warps=2, KS=1), dict(BN=8, BB=16, num_warps=2, KS=1, maxnreg=96),
                 dict(BN=8, BB=16, num_warps=2, KS=1, maxnreg=80), dict(BN=8, BB=16, num_warps=2, KS=1, PREFETCH=2),
                 dict(BN=8, BB=16, num_warps=2, KS=1, FAST=True, maxnreg=128),
-                dict(BN=8, BB=8, num_warps=1, KS=1, maxnreg=96)],
+                dict(BN=8, BB=8, num_warps=1, KS=1, maxnreg=96), dict(BN=8, BB=16, num_warps=2, KS=1, FAST=True),
+                dict(BN=8, BB=16, num_warps=2, KS=1, FAST=True, maxnreg=168)],
     "down": [dict(BN=16, BB=8, num_warps=1, KS=7), dict(BN=16, BB=8, num_warps=1, KS=7, maxnreg=96),
              dict(BN=16, BB=8, num_warps=1, KS=10, maxnreg=96), dict(BN=16, BB=8, num_warps=1, KS=12, maxnreg=96),
              dict(BN=16, BB=8, num_warps=1, KS=14, maxnreg=96), dict(BN=16, BB=8, num_warps=1, KS=7, PREFETCH=2),
-             dict(BN=16, BB=8, num_warps=1, KS=12, PREFETCH=2)],
+             dict(BN=16, BB=8, num_warps=1, KS=12, PREFETCH=2), dict(BN=16, BB=8, num_warps=1, KS=10, FAST=True),
+             dict(BN=16, BB=8, num_warps=1, KS=10, FAST=True, maxnreg=128)],
     "head": [dict(BN=32, BB=8, num_warps=2, KS=1, FAST=True), dict(BN=32, BB=8, num_warps=2, KS=1, FAST=True, maxnreg=80),
              dict(BN=32, BB=8, num_warps=2, KS=1, FAST=True, PREFETCH=2),
              dict(BN=16, BB=8, num_warps=1, KS=1, FAST=True, maxnreg=96)],
@@ -265,7 +270,7 @@ def set_fused(model, on: bool) -> None:
             mod.fused_cuda = on
 
 
-def model_part(results: dict, tuned: bool, pdl_ab: bool = False) -> None:
+def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: bool = False) -> None:
     model = build_model()
     gen = lambda ids, n: model.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     res = results.setdefault("model", {})
@@ -274,6 +279,8 @@ def model_part(results: dict, tuned: bool, pdl_ab: bool = False) -> None:
 
     split = (triton_attention.SPLIT_LEN, triton_attention.SPLIT_FROM)
     labels = ["tuned", "attn_one_program", "attn_split128"] + (["default_cfg"] if tuned else [])
+    if committed_ab:  # the sweep's best configs against the ones committed in triton_int4.TUNED, same process
+        labels = ["tuned", "committed", "tuned_again"]
     down_key = (1, DIM, INTER, False)
     down_cfg = dict(triton_int4.TUNED[down_key])
     variants = {  # --pdl-ab: the tuned step against the down GEMV launched plainly, its old config, and no PDL at all
@@ -284,6 +291,7 @@ def model_part(results: dict, tuned: bool, pdl_ab: bool = False) -> None:
     }
     if pdl_ab:
         labels = ["tuned", *variants]
+    swept = dict(triton_int4.TUNED)
     for label in labels:
         if label != labels[0]:
             model.__dict__.pop("_graph_decoders", None)  # recapture with these settings (compiled blocks kept)
@@ -291,6 +299,9 @@ def model_part(results: dict, tuned: bool, pdl_ab: bool = False) -> None:
                                                                    "attn_split128": (128, 128)}.get(label, split)
         if label == "default_cfg":
             triton_int4.TUNED.clear()
+        if committed_ab:
+            triton_int4.TUNED.clear()
+            triton_int4.TUNED.update(COMMITTED if label == "committed" else swept)
         if label in variants:
             variants[label]()
         first = _timed(lambda: gen(ids, 129))
@@ -364,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--quick", action="store_true", help="time only the QUICK candidates of each shape")
     ap.add_argument("--pdl-ab", action="store_true", help="model step: tuned vs the down GEMV without PDL vs no PDL")
+    ap.add_argument("--committed-ab", action="store_true",
+                    help="model step: the sweep's best configs vs triton_int4.TUNED as committed (then the sweep's again)")
     a = ap.parse_args(argv)
     import triton
 
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     if not a.skip_model:
-        model_part(results, tuned=best is not None, pdl_ab=a.pdl_ab)
+        model_part(results, tuned=best is not None, pdl_ab=a.pdl_ab, committed_ab=a.committed_ab)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in results.items() if k != "sweep_us"}, indent=1))
