@@ -238,6 +238,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Index of each row's largest logit (the first on ties; a NaN counts as largest, as in torch). A float32 CPU
+    tensor goes through numpy: one thread, ~18 us for 8 x 49,152 where torch's argmax spent ~115 us starting its
+    thread pool between two decode steps."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def copy_cache_row(cache: list, src: int, dst: int, length: int | None = None) -> None:
     """Move request row `src` into row `dst` in every layer: its slots 0..length-1 (default all); the later ones hold
     nothing yet (each decode step writes its slot before reading it)."""
@@ -533,13 +542,13 @@ class Engine:
         vocab = self.model.args.vocab_size
         logits = logits[:, :vocab]
         plain = [not st.req.params.do_sample and st.req.params.repetition_penalty == 1.0 for st in states]
-        if all(plain):
-            picks = logits.argmax(-1).tolist()  # greedy rows: one argmax, one host read
+        if all(plain):  # greedy rows: one argmax, one host read
+            picks = _argmax_rows(logits)
         else:
             picks = [0] * len(states)
             greedy = [i for i, g in enumerate(plain) if g]
             if greedy:
-                for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                for i, t in zip(greedy, _argmax_rows(logits[greedy])):
                     picks[i] = t
             for i, st in enumerate(states):
                 if not plain[i]:

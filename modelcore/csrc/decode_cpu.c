@@ -190,6 +190,9 @@ static inline __attribute__((always_inline)) void attend_fixed(const float *q, c
     int64_t s = start;
     for (; s + 8 <= S; s += 8) {
         const float *ks = kb + s * hd;
+        /* these keys' values, for the pass after the softmax: both streams in flight at once (the cache comes
+         * from memory, not from the caches, for a batch of rows) */
+        for (int64_t i = 0; i < 8 * hd; i += 16) _mm_prefetch((const char *)(vb + s * hd + i), _MM_HINT_T0);
         for (int r = 0; r < rep; ++r) {
             __m512 acc[8];
             for (int i = 0; i < 8; ++i) {
@@ -313,9 +316,11 @@ int mc_llama_decode(const int64_t *table, const int64_t *caches, int n_layers, i
                     memcpy(vc + cr * row_stride + (g * max_len + pos) * hd, r + nq + nkv + g * hd, sizeof(float) * (size_t)hd);
                 }
             }
+            if (t == 0) mc_claim_reset(&bar);
             mc_barrier_wait(&bar);
-            mc_split_range(B * Hkv, t, nt, &lo, &hi);
-            for (int64_t bg = lo; bg < hi; ++bg) {  /* one (row, key/value head) pair: its rep query heads */
+            int64_t bg0, bg1;  /* rows attend over different lengths: pairs are taken one at a time */
+            while (mc_claim(&bar, B * Hkv, 1, &bg0, &bg1)) {
+                const int64_t bg = bg0;  /* one (row, key/value head) pair: its rep query heads */
                 const int64_t b = bg / Hkv, g = bg % Hkv, S = positions[b] + 1;
                 const int64_t start = window > 0 && S > window ? S - window : 0;
                 const int64_t off = (cache_rows ? cache_rows[b] : b) * row_stride + g * max_len * hd;

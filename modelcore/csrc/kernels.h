@@ -38,7 +38,21 @@ typedef struct {
     _Atomic int gen;
     _Atomic int sleepers;
     int n;
+    _Atomic int64_t next; /* work counter of the phase between two barriers (mc_claim); reset by thread 0 */
 } spin_barrier;
+
+/* Dynamic sharing of n items between the team: each call takes the next `step` items, [*lo, *hi), and returns 0 once
+ * none are left. A thread that runs slower (its core shared, its memory farther) takes fewer, where a static split
+ * made the other wait at the next barrier. The counter must have been reset (mc_claim_reset by one thread) before a
+ * barrier that precedes the first claim. */
+static inline int mc_claim(spin_barrier *b, int64_t n, int64_t step, int64_t *lo, int64_t *hi) {
+    const int64_t i = atomic_fetch_add_explicit(&b->next, step, memory_order_relaxed);
+    if (i >= n) return 0;
+    *lo = i;
+    *hi = i + step < n ? i + step : n;
+    return 1;
+}
+static inline void mc_claim_reset(spin_barrier *b) { atomic_store_explicit(&b->next, 0, memory_order_relaxed); }
 
 void mc_barrier_wait(spin_barrier *b);
 
