@@ -89,6 +89,11 @@ class Kernel:
         fn8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                         ctypes.c_void_p, ctypes.c_int]
         self._fn8 = fn8
+        fn8b = self.lib.mc_int8b_matmul
+        fn8b.restype = ctypes.c_int
+        fn8b.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_int]
+        self._fn8b = fn8b
         deq = self.lib.mc_int4_dequant_bf16
         deq.restype = ctypes.c_int
         deq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -118,6 +123,29 @@ class Kernel:
         rc = self._fn8(x.data_ptr(), m, k, n, weight.data_ptr(), scales.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
         if rc:
             raise ValueError(f"int8 kernel refused shapes M={m} K={k} N={n} (code {rc})")
+        return y
+
+    @property
+    def int8_blocked(self) -> bool:
+        """Whether this build has the block-layout int8 kernel (AVX512-VNNI; see int8_blocked_matmul)."""
+        return self.isa == "avx512vnni"
+
+    def int8_blocked_matmul(self, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                            threads: int | None = None) -> torch.Tensor:
+        """x (M, K) float32 contiguous CPU, blocks from pack_int8_blocks (N, K) uint8, scales (N,) float32 -> (M, N)
+        float32: the same products as int8_matmul's per-chunk path, 16 output rows per vector (int4_cpu.c)."""
+        assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2, "x must be a contiguous (M, K) float32 tensor"
+        assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
+        m, k = x.shape
+        n = blocks.shape[0]
+        if blocks.shape[1] != k or scales.shape != (n,):
+            raise ValueError(f"int8 block kernel: x {tuple(x.shape)}, blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
+        y = torch.empty(m, n, dtype=torch.float32)
+        rc = self._fn8b(x.data_ptr(), m, k, n, blocks.data_ptr(), scales.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
+        if rc == 3:
+            raise RuntimeError(f"this build ({self.isa}) has no block-layout int8 kernel")
+        if rc:
+            raise ValueError(f"int8 block kernel refused shapes M={m} K={k} N={n} (code {rc})")
         return y
 
     def matmul(self, x: torch.Tensor, blocks: torch.Tensor, block_scales: torch.Tensor, group: int,
@@ -170,6 +198,16 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tupl
     sz = torch.stack([scales.float(), zeros.float()], dim=1).to(torch.bfloat16)  # (N, 2, G)
     sz = sz.view(n // ROWS, ROWS, 2, g).permute(0, 3, 2, 1)  # (block, group, scale/zero, row)
     return blocks, sz.contiguous().view(n, 2 * g)
+
+
+def pack_int8_blocks(q: torch.Tensor) -> torch.Tensor:
+    """int8 weight (N, K) row-major -> the block layout of mc_int8b_matmul, (N, K) uint8: per block of 16 rows and
+    chunk of 32 columns, 8 vectors of 64 bytes, byte 4r + j of vector v = row r's weight at column 4v + j, + 128."""
+    n, k = q.shape
+    if n % ROWS or k % CHUNK:
+        raise ValueError(f"int8 block layout needs N % {ROWS} == 0 and K % {CHUNK} == 0, got ({n}, {k})")
+    b = q.reshape(n // ROWS, ROWS, k // CHUNK, 8, 4).permute(0, 2, 3, 1, 4)  # (block, chunk, v, row, j)
+    return (b.to(torch.int16) + 128).to(torch.uint8).contiguous().view(n, k)
 
 
 def unpack_rows(blocks: torch.Tensor, block_scales: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -609,3 +609,82 @@ int mc_int8_matmul(const float *x, int64_t M, int64_t K, int64_t N, const int8_t
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------------------------------
+ * int8 weights in the int4 kernel's block layout (AVX512-VNNI builds): the output head at several rows of x. In the
+ * row-major layout each vpdpbusd sums 64 columns of one output row, so every (row, row of x) pair pays its own float
+ * convert and fma per 64 columns; here the 16 lanes are 16 output rows (as in the int4 kernel), and one convert and
+ * one fma per chunk of 32 columns and row of x serve all 16. Layout (modelcore/cpu_int4.py pack_int8_blocks): rows in
+ * blocks of 16; per block and chunk of 32 columns, 512 bytes = 8 vectors of 64; byte 4 * r + j of vector v is row
+ * r's weight at column 4v + j, plus 128 (unsigned for vpdpbusd). With x quantized per chunk as above:
+ *     y[m, n] = s[n] * sum_c ( d[m, c] * sum_k (q[n, k] + 128) * xq[m, k]  -  128 * d[m, c] * sum_k xq[m, k] )
+ * --------------------------------------------------------------------------------------------------------------- */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define I8B_CHUNK_BYTES 512
+static inline __attribute__((always_inline)) void int8b_rows(const uint8_t *wb, const float *scales, const int8_t *xq,
+                                                             const float *d, const float *qs, int64_t K, int mt,
+                                                             float *y, int64_t ldy) {
+    const int64_t C = K / CHUNK;
+    __m512 acc[MT];
+    for (int m = 0; m < mt; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+        const uint8_t *w = wb + c * I8B_CHUNK_BYTES;
+        for (int i = 0; i < 8; ++i) _mm_prefetch((const char *)(w + 4 * I8B_CHUNK_BYTES + 64 * i), _MM_HINT_T0);
+        __m512i iacc[MT];
+        for (int m = 0; m < mt; ++m) iacc[m] = _mm512_setzero_si512();
+        for (int v = 0; v < 8; ++v) {
+            const __m512i raw = _mm512_loadu_si512((const void *)(w + 64 * v));
+            for (int m = 0; m < mt; ++m) {
+                int32_t q;
+                memcpy(&q, xq + m * K + c * CHUNK + 4 * v, 4);
+                iacc[m] = _mm512_dpbusd_epi32(iacc[m], raw, _mm512_set1_epi32(q));
+            }
+        }
+        for (int m = 0; m < mt; ++m)  /* qs = 8 * d * sum(xq): 16 * qs is what the +128 added */
+            acc[m] = _mm512_add_ps(acc[m], _mm512_fmsub_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_set1_ps(d[m * C + c]),
+                                                           _mm512_set1_ps(16.f * qs[m * C + c])));
+    }
+    const __m512 s = _mm512_loadu_ps(scales);
+    for (int m = 0; m < mt; ++m) _mm512_storeu_ps(y + m * ldy, _mm512_mul_ps(s, acc[m]));
+}
+#endif
+
+/* y (M, N) float32 = x (M, K) @ (q * s[:, None])^T with q in the block layout above. N % 16 == 0, K % 32 == 0.
+ * Returns 0, 1 (shapes), 2 (memory) or 3 (this build has no AVX512-VNNI: use mc_int8_matmul). */
+int mc_int8b_matmul(const float *x, int64_t M, int64_t K, int64_t N, const uint8_t *wb, const float *scales, float *y,
+                    int nthreads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (M <= 0 || K <= 0 || N <= 0 || K % CHUNK || N % ROWS) return 1;
+    const int64_t C = K / CHUNK, nb = N / ROWS;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+    float *d = (float *)malloc(sizeof(float) * (size_t)(M * C * 3));
+    if (!xq || !d) { free(xq); free(d); return 2; }
+    float *xs = d + M * C, *qs = d + 2 * M * C;
+    quantize_act(x, M, K, xq, d, xs, qs);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *wbb = wb + b * C * I8B_CHUNK_BYTES;
+        for (int64_t m0 = 0; m0 < M; m0 += MT) {
+            const int mt = (int)(M - m0 < MT ? M - m0 : MT);
+            const int8_t *xm = xq + m0 * K;
+            const float *dm = d + m0 * C, *qm = qs + m0 * C;
+            float *ym = y + m0 * N + b * ROWS;
+            switch (mt) {  /* a constant row count per call, so the accumulators stay in registers */
+            case 8: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 8, ym, N); break;
+            case 7: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 7, ym, N); break;
+            case 6: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 6, ym, N); break;
+            case 5: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 5, ym, N); break;
+            case 4: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 4, ym, N); break;
+            case 3: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 3, ym, N); break;
+            case 2: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 2, ym, N); break;
+            default: int8b_rows(wbb, scales + b * ROWS, xm, dm, qm, K, 1, ym, N); break;
+            }
+        }
+    }
+    free(xq);
+    free(d);
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)N; (void)wb; (void)scales; (void)y; (void)nthreads;
+    return 3;
+#endif
+}

@@ -150,6 +150,31 @@ def test_unsupported_models_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch)
         dec.hidden(torch.tensor([1, 2]), [0, 0])
 
 
+def test_int8_head_takes_the_block_layout_kernel() -> None:
+    """An int8 output head (SmolLM2's tied embedding) on an AVX512-VNNI build: FusedDecoder.logits runs it on a block-
+    layout copy of the weight, built once; the logits equal the head module's own (row-major kernel) to float
+    rounding, for 1 and 5 rows."""
+    from modelcore.cpu_decode import head_blocks
+    from modelcore.quant import Int8Linear
+
+    model = _tiny()
+    torch.manual_seed(3)
+    model.lm_head = Int8Linear.from_linear(torch.nn.Linear(128, 512, bias=False), kernel="native")
+    cache = model.new_cache(5, 32)
+    dec = FusedDecoder(model, cache)
+    if not dec.kernel.int8_blocked:
+        pytest.skip("no AVX512-VNNI build here")
+    blocks = head_blocks(model.lm_head, dec.kernel)
+    assert blocks is not None and head_blocks(model.lm_head, dec.kernel)[0] is blocks[0]  # built once
+    with torch.inference_mode():
+        for b in (1, 5):
+            toks, pos = torch.randint(0, 512, (b,)), torch.arange(b) + 3
+            got = dec.logits(toks, pos)
+            want = model.lm_head(dec.hidden(toks, pos))[:, -1]  # same K/V rewritten at the same positions
+            assert got.shape == (b, 512)
+            torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
 def test_fused_rows_at_different_positions_match_torch() -> None:
     """Three rows at different positions (ragged prompts, as in the Engine's batches and padded generate): the
     exact C build against the torch stack on the fallback twin, per row, over 6 steps."""

@@ -189,6 +189,33 @@ def test_rows_get_the_same_bits_alone_or_batched(isa: str) -> None:
             assert torch.equal(y4[i], kern.matmul(x4[i:i + 1].contiguous(), blocks, block_scales, 32)[0]), (m, i)
 
 
+def test_int8_block_layout_kernel_matches_the_row_major_one() -> None:
+    """The output head's block-layout int8 kernel (AVX512-VNNI builds): the same quantized products as the row-major
+    kernel, so equal to float rounding (1e-5 of the scale), bit-identical for a row alone or batched (1 to 10 rows:
+    tiles of 8 and their remainders), and clear errors for shapes outside the layout."""
+    kern = cpu_int4.library()
+    if kern is None or not kern.int8_blocked:
+        pytest.skip("no AVX512-VNNI build here")
+    torch.manual_seed(10)
+    from modelcore.quant import quantize_int8
+
+    for n, k in ((48, 96), (64, 576), (32, 128)):
+        q, s = quantize_int8(torch.randn(n, k) * torch.rand(n, 1))
+        s = s.float().contiguous()
+        wb = cpu_int4.pack_int8_blocks(q)
+        assert wb.shape == (n, k) and wb.dtype == torch.uint8
+        for m in (1, 2, 7, 8, 10):
+            x = torch.randn(m, k) * 2
+            y, ref = kern.int8_blocked_matmul(x, wb, s), kern.int8_matmul(x, q, s)
+            torch.testing.assert_close(y, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+            for i in range(m):
+                assert torch.equal(y[i], kern.int8_blocked_matmul(x[i:i + 1].contiguous(), wb, s)[0]), (n, k, m, i)
+    with pytest.raises(ValueError, match="N % 16"):
+        cpu_int4.pack_int8_blocks(torch.zeros(40, 64, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int8 block kernel"):
+        kern.int8_blocked_matmul(torch.randn(1, 64), wb, s)
+
+
 def test_native_int8_linear_vs_fallback_and_tied_embedding() -> None:
     """Int8Linear(kernel="native") vs its dequantize-then-F.linear twin (< 1%); a tied int8 model shares one tensor."""
     if cpu_int4.library() is None:
