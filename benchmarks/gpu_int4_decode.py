@@ -1,7 +1,7 @@
 """CUDA int4 decode, piece by piece, at the DeepSeek-R1-Distill-Qwen-7B shape (random weights): GEMV sweep, step profile.
 
     python3 benchmarks/gpu_int4_decode.py --out $OUT/int4_decode.json [--skip-sweep] [--skip-model] [--quick]
-        [--pdl-ab | --committed-ab]
+        [--pdl-ab | --committed-ab | --attn-ab]
 
 1. GEMV sweep (one row of x): each shape of a decoder layer (qkv with its bias, o and down with the residual, gate_up
    gated: silu(gate) * up in the epilogue) and the head. Each candidate runs over 28 different weights (4 for the
@@ -270,7 +270,8 @@ def set_fused(model, on: bool) -> None:
             mod.fused_cuda = on
 
 
-def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: bool = False) -> None:
+def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: bool = False,
+               attn_ab: bool = False) -> None:
     model = build_model()
     gen = lambda ids, n: model.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     res = results.setdefault("model", {})
@@ -281,6 +282,8 @@ def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: b
     labels = ["tuned", "attn_one_program", "attn_split128"] + (["default_cfg"] if tuned else [])
     if committed_ab:  # the sweep's best configs against the ones committed in triton_int4.TUNED, same process
         labels = ["tuned", "committed", "tuned_again"]
+    if attn_ab:  # the decode attention's early key/value loads (triton_attention.EARLY) against loads after the wait
+        labels = ["tuned", "attn_late_kv", "tuned_again"]
     down_key = (1, DIM, INTER, False)
     down_cfg = dict(triton_int4.TUNED[down_key])
     variants = {  # --pdl-ab: the tuned step against the down GEMV launched plainly, its old config, and no PDL at all
@@ -304,6 +307,8 @@ def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: b
             triton_int4.TUNED.update(COMMITTED if label == "committed" else swept)
         if label in variants:
             variants[label]()
+        if attn_ab:
+            triton_attention.EARLY = label != "attn_late_kv"
         first = _timed(lambda: gen(ids, 129))
         t1 = min(_timed(lambda: gen(ids, 1)) for _ in range(3))
         tn = min(_timed(lambda: gen(ids, 129)) for _ in range(2))
@@ -375,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--quick", action="store_true", help="time only the QUICK candidates of each shape")
     ap.add_argument("--pdl-ab", action="store_true", help="model step: tuned vs the down GEMV without PDL vs no PDL")
+    ap.add_argument("--attn-ab", action="store_true",
+                    help="model step: decode attention loading its first key/value tiles before the PDL wait or after")
     ap.add_argument("--committed-ab", action="store_true",
                     help="model step: the sweep's best configs vs triton_int4.TUNED as committed (then the sweep's again)")
     a = ap.parse_args(argv)
@@ -389,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     if not a.skip_model:
-        model_part(results, tuned=best is not None, pdl_ab=a.pdl_ab, committed_ab=a.committed_ab)
+        model_part(results, tuned=best is not None, pdl_ab=a.pdl_ab, committed_ab=a.committed_ab, attn_ab=a.attn_ab)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in results.items() if k != "sweep_us"}, indent=1))

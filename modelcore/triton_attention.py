@@ -9,7 +9,9 @@ never reads the slot it writes. Keys are in BLOCK_N tiles, scores and P @ V on t
 padded to 16 rows), softmax online in float32 (exp2). Caches longer than SPLIT_FROM slots split the key range
 over programs (SPLIT_LEN keys each): ranges past the position return at once, and the last program of a (row, kv
 head) to finish adds the partial softmaxes in range order (the split-K counters of triton_int4), so one launch. The mask the eager path builds (key slot <= position) is implied by the position,
-so this op replaces RoPE, the cache scatter, the mask and SDPA in the decode step. No sliding window.
+so this op replaces RoPE, the cache scatter, the mask and SDPA in the decode step. No sliding window. Launched as a
+programmatic dependent (triton_int4.pdl()), a program loads the row's position and its first key/value tiles before
+waiting for the qkv GEMV (EARLY): neither may be written by the kernel launched just before the op.
 
 Prefill RoPE (`modelcore::rope_qk`): (B*T, (H + 2 Hkv) D) -> the rotated q and k heads (B*T, H + Hkv, D) in one pass
 (the eager form multiplies, concatenates and adds over the q/k heads in six passes).
@@ -34,6 +36,7 @@ if triton is not None:
 
 SPLIT_LEN = 64  # keys per program (a program per (row, kv head, key range); the last one to finish combines)
 SPLIT_FROM = 64  # caches up to this many slots: one program per (row, kv head) walks all keys
+EARLY = True  # PDL launches: a program's first key/value tiles load before the wait (see _decode_attn_kernel)
 
 
 def available() -> bool:
@@ -60,22 +63,40 @@ if triton is not None:
                             stride_out, qk_scale,
                             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
                             CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, SEM: tl.constexpr,
-                            PDL: tl.constexpr = False):
+                            PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
         """Program (b, g, s): q heads g*REP .. g*REP+REP-1 of row b over key range s (slots [s*CHUNK, +CHUNK)).
         SEM (NSPLIT > 1): ranges past the row's position return at once; the others store their partial softmax,
         count themselves in at cnt_ptr[b * HKV + g], and the last of them combines the partials (in range order) and
-        resets the counter."""
+        resets the counter.
+        EARLY: the row's position and the range's first key and value tiles (cache slots below the position) load
+        before the PDL wait, so their latency overlaps the qkv GEMV's tail. So neither the positions nor the cache may
+        be written by the kernel launched just before this op (a decode step writes its positions at its start and
+        the cache only through this op, a step or more earlier)."""
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         s = tl.program_id(2)
+        d = tl.arange(0, D)
+        n = tl.arange(0, BLOCK_N)
+        kbase = k_ptr + b * stride_kb + g * stride_kh
+        vbase = v_ptr + b * stride_vb + g * stride_vh
+        start = s * CHUNK
+        if EARLY:  # no output of the previous kernel: the position, cached keys and values (ranges past it: none)
+            pos = tl.load(pos_ptr + b).to(tl.int32)
+            end = tl.minimum(start + CHUNK, pos)  # keys read from the cache: [start, end), all before the new token
+            km0 = (start + n) < end
+            kt0 = tl.load(kbase + (start + n).to(tl.int64)[None, :] * stride_kl + d[:, None], mask=km0[None, :],
+                          other=0.0)
+            vt0 = tl.load(vbase + (start + n).to(tl.int64)[:, None] * stride_vl + d[None, :], mask=km0[:, None],
+                          other=0.0)
         if PDL:  # launched as a programmatic dependent (triton_int4.pdl()): wait for the qkv GEMV, let o_proj start
             _pdl_wait()
             _pdl_launch()
-        pos = tl.load(pos_ptr + b).to(tl.int32)
+        if not EARLY:
+            pos = tl.load(pos_ptr + b).to(tl.int32)
+            end = tl.minimum(start + CHUNK, pos)
         if SEM:
             if s > pos // CHUNK:
                 return
-        d = tl.arange(0, D)
         partner = (d + D // 2) % D
         sign = tl.where(d < D // 2, -1.0, 1.0)
         cos = tl.load(cos_ptr + b * stride_cs + d).to(tl.float32)
@@ -85,8 +106,6 @@ if triton is not None:
         kn = _rotate(row + (H + g) * D, d, partner, sign, cos, sin).to(k_ptr.dtype.element_ty)
         vn = tl.load(row + (H + HKV + g) * D + d)
         owner = s == pos // CHUNK  # the program whose key range holds the new token writes it and attends to it
-        kbase = k_ptr + b * stride_kb + g * stride_kh
-        vbase = v_ptr + b * stride_vb + g * stride_vh
         tl.store(kbase + pos.to(tl.int64) * stride_kl + d, kn, mask=(d < D) & owner)
         tl.store(vbase + pos.to(tl.int64) * stride_vl + d, vn.to(v_ptr.dtype.element_ty), mask=(d < D) & owner)
         # the group's q heads (RP >= 16 rows for the tensor cores; rows past REP are zeros and never stored)
@@ -99,10 +118,19 @@ if triton is not None:
         m_i = tl.full((RP,), float("-inf"), tl.float32)
         l_i = tl.zeros((RP,), tl.float32)
         acc = tl.zeros((RP, D), tl.float32)
-        start = s * CHUNK
-        end = tl.minimum(start + CHUNK, pos)  # keys read from the cache: [start, end), all before the new token
-        n = tl.arange(0, BLOCK_N)
-        for j in range(start, end, BLOCK_N):
+        first = start
+        if EARLY:
+            if start < end:  # the first tile, loaded before the wait (masked slots: zeros)
+                qk = tl.dot(qb, kt0) * qk_scale  # (RP, BLOCK_N), log2 units
+                qk = tl.where(km0[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt0.dtype), vt0)
+                m_i = m_new
+            first = start + BLOCK_N
+        for j in range(first, end, BLOCK_N):
             kidx = j + n
             km = kidx < end
             kt = tl.load(kbase + kidx.to(tl.int64)[None, :] * stride_kl + d[:, None], mask=km[None, :], other=0.0)
@@ -235,7 +263,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
         qkv, cos, sin, pos, k_cache, v_cache, out, pacc, pm, pl, cnt, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), scale * math.log2(math.e), H=n_heads, HKV=n_kv_heads, D=d, REP=rep, RP=rp, CHUNK=chunk,
-        NSPLIT=ns, BLOCK_N=block_n, SEM=sem, PDL=on, num_warps=num_warps, **({"launch_pdl": True} if on else {}))
+        NSPLIT=ns, BLOCK_N=block_n, SEM=sem, PDL=on, EARLY=EARLY and on, num_warps=num_warps,
+        **({"launch_pdl": True} if on else {}))
     if ns > 1 and not sem:
         _decode_attn_combine[(b, n_heads)](pacc, pm, pl, out, out.stride(0), H=n_heads, D=d, NSPLIT=ns,
                                            NSP=triton.next_power_of_2(ns), num_warps=4)

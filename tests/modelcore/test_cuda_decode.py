@@ -276,6 +276,13 @@ def test_decode_attention_matches_reference(nsplit, heads) -> None:
     written = torch.zeros_like(kc, dtype=torch.bool)
     written[torch.arange(b), :, pos] = True
     assert torch.equal(kc[~written], k0[~written])
+    if ta.EARLY and triton_int4.pdl() and kw.get("sem", True):  # keys/values loaded before the PDL wait (EARLY) or after
+        ta.EARLY = False
+        try:  # the caches as the op left them: it rewrites the same new key and value
+            late = ta.decode_attention(qkv, cos, sin, pos, kc.clone(), vc.clone(), h, hkv, d ** -0.5, **kw)
+        finally:
+            ta.EARLY = True
+        torch.testing.assert_close(late.float(), out.float(), rtol=1e-3, atol=1e-3)
     if nsplit is not None:
         return
     # the same op under torch.compile (a custom op that mutates the cache): same output, same cache
