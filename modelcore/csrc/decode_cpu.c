@@ -56,8 +56,6 @@ static inline float vexpf(float x) {
     return p * scale.f;
 }
 
-/* Attention of the `rep` query heads that share one key/value head, over keys [start, S): each key row is read once
- * for all of them. q: rep * hd, o: rep * hd, sc: rep * S floats of scratch. */
 #if defined(__AVX512F__)
 /* vexpf on 16 lanes (GCC leaves the scalar one unvectorized in the loops below): the same reduction and polynomial,
  * with 2^n applied by vscalefps. */
@@ -134,6 +132,8 @@ static void softmax_rows(float *sc, int64_t rep, int64_t start, int64_t S) {
 }
 #endif
 
+/* Attention of the `rep` query heads that share one key/value head, over keys [start, S): each key row is read once
+ * for all of them. q: rep * hd, o: rep * hd, sc: rep * S floats of scratch. */
 #if defined(__AVX512F__)
 #define ATT_MAXV 16 /* query heads x head_dim / 16 held in registers */
 /* rep * hd <= 16 * ATT_MAXV, hd % 16 == 0: queries and outputs stay in registers while keys/values stream by. */

@@ -33,11 +33,14 @@ def _tiny_qwen(dtype: torch.dtype):
     return ours.eval().requires_grad_(False), hf
 
 
-def _graph_vs_eager(model, ids: torch.Tensor, new: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+def _graph_vs_eager(model, ids: torch.Tensor, new: int = 12, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     model.cuda_graphs = True
     graphed = model.generate(input_ids=ids, max_new_tokens=new, eos_token_id=[])
     again = model.generate(input_ids=ids, max_new_tokens=new, eos_token_id=[])  # reuses the captured graph
-    assert torch.equal(graphed, again)
+    if deterministic:
+        assert torch.equal(graphed, again)
+    else:
+        _differ_only_at_near_ties(model, graphed, again, ids.shape[1])
     assert model.__dict__.get("_graph_decoders"), "generate() did not use a CUDA graph"
     model.cuda_graphs = False
     eager = model.generate(input_ids=ids, max_new_tokens=new, eos_token_id=[])
@@ -77,9 +80,27 @@ def test_graphed_generate_equals_eager_mla_moe() -> None:
             p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn_like(p) * 0.05)
     ids = torch.randint(0, 512, (2, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     model.compile_decode = False  # the same kernels in the graph as eagerly: only the capture is under test here
-    graphed, eager = _graph_vs_eager(model, ids)
-    assert (graphed == eager).float().mean() >= 0.9  # bf16 + atomics in the expert sums: near-ties may flip late tokens
-    assert torch.equal(graphed[:, :12], eager[:, :12])
+    # bf16 and atomic adds in the expert sums: two runs, graphed or not, may pick different tokens where two logits
+    # nearly tie (seen once in a few runs, graphed twice); a wrong capture picks tokens far apart
+    graphed, eager = _graph_vs_eager(model, ids, deterministic=False)
+    _differ_only_at_near_ties(model, graphed, eager, ids.shape[1])
+    assert (graphed == eager).float().mean() >= 0.75
+
+
+def _differ_only_at_near_ties(model, a: torch.Tensor, b: torch.Tensor, prompt_len: int, tol: float = 0.05) -> None:
+    """Greedy continuations a, b of the same prompts agree, or each row first differs at a step where the eager
+    logits of the common prefix give the two tokens values within `tol` standard deviations of each other."""
+    assert torch.equal(a[:, :prompt_len], b[:, :prompt_len])
+    for r in range(a.shape[0]):
+        diff = (a[r] != b[r]).nonzero()
+        if len(diff) == 0:
+            continue
+        t = int(diff[0])
+        with torch.no_grad():
+            out = model(a[r:r + 1, :t])
+        logits = (out.logits if hasattr(out, "logits") else out)[0, -1].float()
+        gap = float((logits[a[r, t]] - logits[b[r, t]]).abs())
+        assert gap <= tol * float(logits.std()), f"row {r} step {t}: tokens {int(a[r, t])}/{int(b[r, t])} differ by {gap:.4f} (std {float(logits.std()):.4f})"
 
 
 def _int4_weight(n: int, k: int, group: int, seed: int):
