@@ -113,17 +113,8 @@ class Kernel:
 
     def int8_matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """x (M, K) float32 contiguous CPU, weight (N, K) int8 row-major, scales (N,) float32 -> (M, N) float32."""
-        assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2, "x must be a contiguous (M, K) float32 tensor"
-        assert weight.dtype == torch.int8 and weight.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
-        m, k = x.shape
-        n = weight.shape[0]
-        if weight.shape[1] != k or scales.shape != (n,):
-            raise ValueError(f"int8 kernel: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scales {tuple(scales.shape)}")
-        y = torch.empty(m, n, dtype=torch.float32)
-        rc = self._fn8(x.data_ptr(), m, k, n, weight.data_ptr(), scales.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
-        if rc:
-            raise ValueError(f"int8 kernel refused shapes M={m} K={k} N={n} (code {rc})")
-        return y
+        assert weight.dtype == torch.int8
+        return self._int8_call(self._fn8, "int8 kernel", x, weight, scales, threads)
 
     @property
     def int8_blocked(self) -> bool:
@@ -134,18 +125,24 @@ class Kernel:
                             threads: int | None = None) -> torch.Tensor:
         """x (M, K) float32 contiguous CPU, blocks from pack_int8_blocks (N, K) uint8, scales (N,) float32 -> (M, N)
         float32: the same products as int8_matmul's per-chunk path, 16 output rows per vector (int4_cpu.c)."""
+        assert blocks.dtype == torch.uint8
+        return self._int8_call(self._fn8b, "int8 block kernel", x, blocks, scales, threads)
+
+    def _int8_call(self, fn, what: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                   threads: int | None) -> torch.Tensor:
+        """Check the shapes, run an int8 matmul entry point of the library, map its error codes."""
         assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2, "x must be a contiguous (M, K) float32 tensor"
-        assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
+        assert weight.is_contiguous() and scales.dtype == torch.float32 and scales.is_contiguous()
         m, k = x.shape
-        n = blocks.shape[0]
-        if blocks.shape[1] != k or scales.shape != (n,):
-            raise ValueError(f"int8 block kernel: x {tuple(x.shape)}, blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
+        n = weight.shape[0]
+        if weight.shape[1] != k or scales.shape != (n,):
+            raise ValueError(f"{what}: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scales {tuple(scales.shape)}")
         y = torch.empty(m, n, dtype=torch.float32)
-        rc = self._fn8b(x.data_ptr(), m, k, n, blocks.data_ptr(), scales.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
+        rc = fn(x.data_ptr(), m, k, n, weight.data_ptr(), scales.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
         if rc == 3:
-            raise RuntimeError(f"this build ({self.isa}) has no block-layout int8 kernel")
+            raise RuntimeError(f"this build ({self.isa}) has no {what}")
         if rc:
-            raise ValueError(f"int8 block kernel refused shapes M={m} K={k} N={n} (code {rc})")
+            raise ValueError(f"{what} refused shapes M={m} K={k} N={n} (code {rc})")
         return y
 
     def matmul(self, x: torch.Tensor, blocks: torch.Tensor, block_scales: torch.Tensor, group: int,

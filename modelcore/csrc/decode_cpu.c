@@ -136,31 +136,6 @@ static void softmax_rows(float *sc, int64_t rep, int64_t start, int64_t S) {
  * for all of them. q: rep * hd, o: rep * hd, sc: rep * S floats of scratch. */
 #if defined(__AVX512F__)
 #define ATT_MAXV 16 /* query heads x head_dim / 16 held in registers */
-/* rep * hd <= 16 * ATT_MAXV, hd % 16 == 0: queries and outputs stay in registers while keys/values stream by. */
-static void attend_group_avx512(const float *q, const float *kb, const float *vb, int64_t rep, int64_t start, int64_t S,
-                                int64_t hd, float scale, float *sc, float *o) {
-    const int64_t nv = hd / 16;
-    __m512 qv[ATT_MAXV], ov[ATT_MAXV];
-    for (int64_t j = 0; j < rep * nv; ++j) { qv[j] = _mm512_loadu_ps(q + 16 * j); ov[j] = _mm512_setzero_ps(); }
-    for (int64_t s = start; s < S; ++s) {
-        const float *ks = kb + s * hd;
-        for (int64_t r = 0; r < rep; ++r) {
-            __m512 acc = _mm512_mul_ps(qv[r * nv], _mm512_loadu_ps(ks));
-            for (int64_t j = 1; j < nv; ++j) acc = _mm512_fmadd_ps(qv[r * nv + j], _mm512_loadu_ps(ks + 16 * j), acc);
-            sc[r * S + s] = _mm512_reduce_add_ps(acc) * scale;
-        }
-    }
-    softmax_rows(sc, rep, start, S);
-    for (int64_t s = start; s < S; ++s) {
-        const float *vs = vb + s * hd;
-        for (int64_t j = 0; j < nv; ++j) {
-            const __m512 v = _mm512_loadu_ps(vs + 16 * j);
-            for (int64_t r = 0; r < rep; ++r) ov[r * nv + j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * S + s]), v, ov[r * nv + j]);
-        }
-    }
-    for (int64_t j = 0; j < rep * nv; ++j) _mm512_storeu_ps(o + 16 * j, ov[j]);
-}
-
 /* The 8 horizontal sums of v[0..7] as one vector (lane j = sum of v[j]'s 16 lanes): 25 shuffles and adds where eight
  * separate reductions take some 64. */
 static inline __m256 reduce8_ps(const __m512 *v) {
@@ -178,8 +153,8 @@ static inline __m256 reduce8_ps(const __m512 *v) {
     return _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), t));
 }
 
-/* attend_group_avx512 with the head count and width known to the compiler (queries, outputs in registers), and the
- * scores of 8 keys at a time reduced together. */
+/* Queries and outputs in registers while keys and values stream by (with the head count and width known to the
+ * compiler), the scores of 8 keys at a time reduced together. */
 static inline __attribute__((always_inline)) void attend_fixed(const float *q, const float *kb, const float *vb, const int rep,
                                                               const int nv, int64_t start, int64_t S, float scale, float *sc,
                                                               float *o) {
@@ -219,6 +194,12 @@ static inline __attribute__((always_inline)) void attend_fixed(const float *q, c
         }
     }
     for (int j = 0; j < rep * nv; ++j) _mm512_storeu_ps(o + 16 * j, ov[j]);
+}
+
+/* Other widths and groupings with rep * hd <= 16 * ATT_MAXV, hd % 16 == 0: the same code, sizes known at run time. */
+static void attend_group_avx512(const float *q, const float *kb, const float *vb, int64_t rep, int64_t start, int64_t S,
+                                int64_t hd, float scale, float *sc, float *o) {
+    attend_fixed(q, kb, vb, (int)rep, (int)(hd / 16), start, S, scale, sc, o);
 }
 #endif
 
