@@ -58,6 +58,17 @@ if triton is not None:
         return x * cos + sign * xp * sin
 
     @triton.jit
+    def _attend_tile(qb, kt, vt, km, m_i, l_i, acc, qk_scale):
+        """One tile of keys kt (D, BLOCK_N) and values vt (BLOCK_N, D), slots masked by km, into the online softmax
+        (running max m_i, sum l_i, output acc; scores in log2 units)."""
+        qk = tl.dot(qb, kt) * qk_scale  # (RP, BLOCK_N)
+        qk = tl.where(km[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+
+    @triton.jit
     def _decode_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, out_ptr, pacc_ptr, pm_ptr, pl_ptr, cnt_ptr,
                             stride_qkv, stride_cs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                             stride_out, qk_scale,
@@ -121,28 +132,14 @@ if triton is not None:
         first = start
         if EARLY:
             if start < end:  # the first tile, loaded before the wait (masked slots: zeros)
-                qk = tl.dot(qb, kt0) * qk_scale  # (RP, BLOCK_N), log2 units
-                qk = tl.where(km0[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt0.dtype), vt0)
-                m_i = m_new
+                m_i, l_i, acc = _attend_tile(qb, kt0, vt0, km0, m_i, l_i, acc, qk_scale)
             first = start + BLOCK_N
         for j in range(first, end, BLOCK_N):
             kidx = j + n
             km = kidx < end
             kt = tl.load(kbase + kidx.to(tl.int64)[None, :] * stride_kl + d[:, None], mask=km[None, :], other=0.0)
-            qk = tl.dot(qb, kt) * qk_scale  # (RP, BLOCK_N), log2 units
-            qk = tl.where(km[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(vbase + kidx.to(tl.int64)[:, None] * stride_vl + d[None, :], mask=km[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(qb, kt, vt, km, m_i, l_i, acc, qk_scale)
         # the new token (owner only): its score from the rounded q and k, like a cache read would give
         sn = tl.sum(qb.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale
         sn = tl.where(owner, sn, float("-inf"))
