@@ -122,15 +122,21 @@ def shape_inputs(x: torch.Tensor, n: int, k: int, kind: str, copies: int) -> tup
     return ws, xk, bias, res, y, gbytes
 
 
-def quick_sweep(results: dict) -> dict:
-    """The QUICK candidates of each shape, timed as `sweep` times them (28 weights in one graph)."""
+def sweep_shapes(results: dict):
+    """Each shape of SHAPES with its inputs (28 weights; 4 of the head) and its results["sweep_us"] table:
+    (name, n, k, kind, copies, (ws, xk, bias, res, y, gbytes), table)."""
     x = torch.randn(1, INTER, device="cuda", dtype=torch.bfloat16)
-    best: dict = {}
     results["sweep_us"] = {}
     for name, (n, k, kind) in SHAPES.items():
         copies = 4 if name == "head" else LAYERS
-        ws, xk, bias, res, y, gbytes = shape_inputs(x, n, k, kind, copies)
-        table = results["sweep_us"][name] = {}
+        yield name, n, k, kind, copies, shape_inputs(x, n, k, kind, copies), results["sweep_us"].setdefault(name, {})
+
+
+def quick_sweep(results: dict) -> dict:
+    """The QUICK candidates of each shape, timed as `sweep` times them (28 weights in one graph)."""
+    best: dict = {}
+    for name, n, k, kind, copies, inputs, table in sweep_shapes(results):
+        ws, xk, bias, res, y, gbytes = inputs
         t0 = time.perf_counter()
         timed = []
         cands = [dict(c, MB=1, PREFETCH=c.get("PREFETCH", 1)) for c in QUICK[name]]
@@ -152,7 +158,7 @@ def quick_sweep(results: dict) -> dict:
                       "tb_s": round(gbytes / copies / (us * 1e-6) / 1e3, 3),
                       "default_us": table.get("real_" + cfg_key(cands[0])), "sweep_s": round(time.perf_counter() - t0, 1)}
         print(name, best[name], flush=True)
-        del ws
+        del ws, inputs
         torch.cuda.empty_cache()
     per_token = sum(v["us"] * (1 if name == "head" else LAYERS) for name, v in best.items())
     per_token_default = sum((v["default_us"] or v["us"]) * (1 if name == "head" else LAYERS) for name, v in best.items())
@@ -163,14 +169,10 @@ def quick_sweep(results: dict) -> dict:
 
 
 def sweep(results: dict) -> dict:
-    x = torch.randn(1, INTER, device="cuda", dtype=torch.bfloat16)
     best: dict = {}
-    results["sweep_us"] = {}
-    for name, (n, k, kind) in SHAPES.items():
-        copies = 4 if name == "head" else LAYERS
-        ws, xk, bias, res, y, gbytes = shape_inputs(x, n, k, kind, copies)
+    for name, n, k, kind, copies, inputs, table in sweep_shapes(results):
+        ws, xk, bias, res, y, gbytes = inputs
         yp = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
-        table = results["sweep_us"][name] = {}
 
         def run(cfg: dict, real: bool) -> float:
             def fn():
@@ -213,7 +215,7 @@ def sweep(results: dict) -> dict:
                       "default_us": table["real_" + cfg_key(default)], "steps_max": steps_max,
                       "sweep_s": round(time.perf_counter() - t0, 1)}
         print(name, best[name], flush=True)
-        del ws
+        del ws, inputs
         torch.cuda.empty_cache()
     per_token = sum(v["us"] * (1 if name == "head" else LAYERS) for name, v in best.items())
     per_token_default = sum(v["default_us"] * (1 if name == "head" else LAYERS) for name, v in best.items())
