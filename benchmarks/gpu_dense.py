@@ -86,7 +86,18 @@ def int4_kernel_check() -> dict:
             "float_vs_dequantized_weight_cos_min": cos(x.float() @ w.T, ref),
             "layout_readback_max_abs_err": float((deq - qw.dequantize(torch.float32)).abs().max()),
             "dense_prefill_vs_gemv_cos_min": cos(linear(lin, xl)[:rows], lin(xl[:rows])),
-            "gemv_config_qkv": triton_int4.gemv_config(1, n, k)}
+            "q8_gemv_vs_dequantized_matmul_cos": cos(q8_row(lin, x[:1]), ref[:1]),
+            "gemv_config_qkv": triton_int4.gemv_config(1, n, k),
+            "q8_config_qkv": triton_int4.gemv_q8_config(n, k)}
+
+
+def q8_row(lin, x: torch.Tensor) -> torch.Tensor:
+    """One row through the q8 path as the decode step takes it: a norm of unit weight (it scales the row, which a
+    cosine ignores) writes the int8 words, the q8 GEMV reads them. For int4_kernel_check."""
+    from modelcore import triton_int4
+
+    _, xq, st = triton_int4.rms_norm_q8(x, torch.ones(x.shape[1], device="cuda", dtype=torch.bfloat16), 1e-6)
+    return triton_int4.gemv_q8(xq, st, lin.packed, lin.scales_and_zeros, 128).float()
 
 
 def int4_model_checks(model: Transformer) -> dict:

@@ -1,7 +1,7 @@
 """CUDA int4 decode, piece by piece, at the DeepSeek-R1-Distill-Qwen-7B shape (random weights): GEMV sweep, step profile.
 
     python3 benchmarks/gpu_int4_decode.py --out $OUT/int4_decode.json [--skip-sweep] [--skip-model] [--quick]
-        [--pdl-ab | --committed-ab | --attn-ab]
+        [--pdl-ab | --committed-ab | --attn-ab | --q8-ab] [--q8]
 
 1. GEMV sweep (one row of x): each shape of a decoder layer (qkv with its bias, o and down with the residual, gate_up
    gated: silu(gate) * up in the epilogue) and the head. Each candidate runs over 28 different weights (4 for the
@@ -225,6 +225,56 @@ def sweep(results: dict) -> dict:
     return best
 
 
+Q8_CANDIDATES = {  # --q8: the q8 GEMV (int8 activations, dp4a) of the shapes fed by a norm
+    "qkv": [dict(BN=16, BB=8, num_warps=1, KS=7), dict(BN=16, BB=8, num_warps=1, KS=14), dict(BN=16, BB=4, num_warps=1, KS=14),
+            dict(BN=32, BB=8, num_warps=2, KS=7), dict(BN=16, BB=16, num_warps=2, KS=7), dict(BN=8, BB=8, num_warps=1, KS=7),
+            dict(BN=16, BB=8, num_warps=1, KS=1), dict(BN=32, BB=8, num_warps=1, KS=7), dict(BN=16, BB=8, num_warps=2, KS=7)],
+    "gate_up": [dict(BN=bn, BB=bb, num_warps=nw, KS=1) for bn in (4, 8, 16) for bb in (8, 16) for nw in (1, 2, 4)
+                if bn * bb * 4 >= 32 * nw],
+}
+
+
+def q8_sweep(results: dict) -> dict:
+    """--q8: norm -> GEMV chains of 28 layers in one graph (as the decode step runs them), the tuned bf16 GEMV against
+    each q8 candidate (the norm writing int8 words, the GEMV using dp4a). Best q8 config per shape -> Q8_TUNED."""
+    x = torch.randn(1, DIM, device="cuda", dtype=torch.bfloat16)
+    nw = torch.ones(DIM, device="cuda", dtype=torch.bfloat16)
+    table = results.setdefault("q8_sweep_us", {})
+    best = {}
+    for name in ("qkv", "gate_up"):
+        n, k, kind = SHAPES[name]
+        ws, _, bias, _, _, gbytes = shape_inputs(x, n, k, kind, LAYERS)
+        gated = kind == "gated"
+
+        def bf16_chain():
+            for p, sz in ws:
+                h = triton_int4.rms_norm(x, nw, 1e-6)
+                triton_int4.gemv(h, p, sz, 128, bias, gated=gated)
+
+        row = table.setdefault(name, {})
+        row["bf16_tuned"] = round(graph_time_us(bf16_chain) / LAYERS, 2)
+        for cfg in Q8_CANDIDATES[name]:
+            def q8_chain(cfg=cfg):
+                for p, sz in ws:
+                    _, xq, st = triton_int4.rms_norm_q8(x, nw, 1e-6)
+                    triton_int4.gemv_q8(xq, st, p, sz, 128, bias, gated=gated, **cfg)
+            try:
+                row[cfg_key(cfg)] = round(graph_time_us(q8_chain) / LAYERS, 2)
+            except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or launch
+                row[cfg_key(cfg)] = repr(exc)[:120]
+            print(name, cfg, row[cfg_key(cfg)], flush=True)
+        timed = [(v, c) for c in Q8_CANDIDATES[name] if isinstance(v := row[cfg_key(c)], float)]
+        us, cfg = min(timed, key=lambda t: t[0])
+        best[name] = {"n": n, "k": k, "gated": gated, "cfg": cfg, "us": us, "bf16_us": row["bf16_tuned"],
+                      "tb_s": round(gbytes / LAYERS / us * 1e6 / 1e3, 3)}
+        triton_int4.Q8_TUNED[(n, k, gated)] = dict(cfg)
+        del ws
+        torch.cuda.empty_cache()
+    results["q8_best"] = best
+    print("q8 best", best, flush=True)
+    return best
+
+
 def apply_tuned(best: dict) -> None:
     for name, v in best.items():
         triton_int4.TUNED[(1, v["n"], v["k"], v["gated"])] = {kk: vv for kk, vv in v["cfg"].items() if kk != "MB"}
@@ -273,7 +323,7 @@ def set_fused(model, on: bool) -> None:
 
 
 def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: bool = False,
-               attn_ab: bool = False) -> None:
+               attn_ab: bool = False, q8_ab: bool = False) -> None:
     model = build_model()
     gen = lambda ids, n: model.generate(input_ids=ids, max_new_tokens=n, eos_token_id=[])  # noqa: E731
     res = results.setdefault("model", {})
@@ -286,6 +336,8 @@ def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: b
         labels = ["tuned", "committed", "tuned_again"]
     if attn_ab:  # the decode attention's early key/value loads (triton_attention.EARLY) against loads after the wait
         labels = ["tuned", "attn_late_kv", "tuned_again"]
+    if q8_ab:  # the one-row q8 path (triton_int4.Q8: int8 activations from the norm, dp4a GEMVs) against bf16 GEMVs
+        labels = ["tuned", "no_q8", "tuned_again"]
     down_key = (1, DIM, INTER, False)
     down_cfg = dict(triton_int4.TUNED[down_key])
     variants = {  # --pdl-ab: the tuned step against the down GEMV launched plainly, its old config, and no PDL at all
@@ -311,6 +363,8 @@ def model_part(results: dict, tuned: bool, pdl_ab: bool = False, committed_ab: b
             variants[label]()
         if attn_ab:
             triton_attention.EARLY = label != "attn_late_kv"
+        if q8_ab:
+            triton_int4.Q8 = label != "no_q8"
         first = _timed(lambda: gen(ids, 129))
         t1 = min(_timed(lambda: gen(ids, 1)) for _ in range(3))
         tn = min(_timed(lambda: gen(ids, 129)) for _ in range(2))
@@ -384,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pdl-ab", action="store_true", help="model step: tuned vs the down GEMV without PDL vs no PDL")
     ap.add_argument("--attn-ab", action="store_true",
                     help="model step: decode attention loading its first key/value tiles before the PDL wait or after")
+    ap.add_argument("--q8", action="store_true", help="sweep the q8 GEMV (qkv, gate_up) against the bf16 one first")
+    ap.add_argument("--q8-ab", action="store_true", help="model step: the q8 path on (triton_int4.Q8) and off")
     ap.add_argument("--committed-ab", action="store_true",
                     help="model step: the sweep's best configs vs triton_int4.TUNED as committed (then the sweep's again)")
     a = ap.parse_args(argv)
@@ -392,13 +448,18 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                      "command": "python3 benchmarks/gpu_int4_decode.py " + " ".join(argv or sys.argv[1:])}
     best = None
+    if a.q8:
+        q8_sweep(results)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     if not a.skip_sweep:
         best = quick_sweep(results) if a.quick else sweep(results)
         apply_tuned(best)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     if not a.skip_model:
-        model_part(results, tuned=best is not None, pdl_ab=a.pdl_ab, committed_ab=a.committed_ab, attn_ab=a.attn_ab)
+        model_part(results, tuned=best is not None, pdl_ab=a.pdl_ab, committed_ab=a.committed_ab, attn_ab=a.attn_ab,
+                   q8_ab=a.q8_ab)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in results.items() if k != "sweep_us"}, indent=1))

@@ -32,11 +32,16 @@ class ModelOutput:
 
 
 
-def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def linear(mod: nn.Module, x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """mod(x): the one place the model calls its linears. (A CUDA int4 linear picks its own path by the number of rows:
     the Triton GEMV for a few, dequantize + dense GEMM for more; see modelcore/triton_int4.py. Dequantizing the next
     layer's weight on a side stream during a long prefill was tried and measured slower on an H200: 88.9 vs 85.4 ms
-    for a 4096-token prefill's 28 layers of int4 linears, the GEMMs not sharing the GPU with it.)"""
+    for a 4096-token prefill's 28 layers of int4 linears, the GEMMs not sharing the GPU with it.)
+    xq: x's one row as int8 words and block stats, made for `mod` by _decode_norm (the q8 GEMV reads them instead)."""
+    if xq is not None and _cuda_int4(mod):
+        y = torch.ops.modelcore.int4_linear_q8(xq[0], xq[1], mod.packed, mod.scales_and_zeros, mod.bias,
+                                               mod.group_size, False)
+        return y.view(*x.shape[:-1], mod.out_features).to(x.dtype)
     return mod(x)
 
 
@@ -72,10 +77,14 @@ def linear_residual(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> 
     return residual + linear(mod, x)
 
 
-def gate_up_silu(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def gate_up_silu(mod: nn.Module, x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """silu(gate(x)) * up(x) of a fused [gate; up] linear on CUDA: for CUDA int4 one op (one row: the GEMV with the
     activation in its epilogue), else the GEMM and one activation kernel (modelcore/triton_mlp.py); under
-    torch.compile the activation is left to Inductor."""
+    torch.compile the activation is left to Inductor. xq: as for linear()."""
+    if xq is not None and _cuda_int4(mod):
+        h = torch.ops.modelcore.int4_linear_q8(xq[0], xq[1], mod.packed, mod.scales_and_zeros, mod.bias,
+                                               mod.group_size, True)
+        return h.view(*x.shape[:-1], mod.out_features // 2).to(x.dtype)
     if _cuda_int4(mod):
         h = torch.ops.modelcore.int4_gate_up_silu(_bf16_rows(x), mod.packed, mod.scales_and_zeros,
                                                   mod.bias, mod.group_size)
@@ -108,15 +117,22 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def _decode_norm(norm: RMSNorm, x: torch.Tensor, nxt: nn.Module | None) -> torch.Tensor:
-    """norm(x). On CUDA, for a few 16-bit rows (decode) that feed a CUDA int4 linear: triton_int4's norm kernel, one
-    opaque op launched as a programmatic dependent, so the GEMV after it starts and streams its weights while the
-    norm runs (the same maths as F.rms_norm: float32 statistics, the weight applied before one rounding)."""
+def _decode_norm(norm: RMSNorm, x: torch.Tensor,
+                 nxt: nn.Module | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(norm(x), xq). On CUDA, for a few 16-bit rows (decode) that feed a CUDA int4 linear: triton_int4's norm kernel,
+    one opaque op launched as a programmatic dependent, so the GEMV after it starts and streams its weights while the
+    norm runs (the same maths as F.rms_norm: float32 statistics, the weight applied before one rounding). For one row
+    (triton_int4.Q8) the kernel also quantizes the normed row to int8 per 32 columns: xq = (words, block stats), which
+    linear() / gate_up_silu() hand to the q8 GEMV of `nxt`; else xq is None."""
     rows = x.numel() // x.shape[-1]
     if nxt is not None and _cuda_int4(nxt) and _cuda_fusable(x) and rows <= triton_int4.GEMV_MAX_ROWS:
-        return torch.ops.modelcore.rms_norm_rows(x.reshape(rows, x.shape[-1]), norm.weight.to(x.dtype),
-                                                 norm.eps).view(x.shape)
-    return norm(x)
+        w = norm.weight.to(x.dtype)
+        if (rows == 1 and triton_int4.Q8 and x.dtype == torch.bfloat16
+                and triton_int4.q8_supported(x.shape[-1], nxt.group_size)):
+            h, xq, st = torch.ops.modelcore.rms_norm_q8(x.reshape(1, x.shape[-1]), w, norm.eps)
+            return h.view(x.shape), (xq, st)
+        return torch.ops.modelcore.rms_norm_rows(x.reshape(rows, x.shape[-1]), w, norm.eps).view(x.shape), None
+    return norm(x), None
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -215,19 +231,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
                 mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                causal: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+                causal: bool = False, residual: torch.Tensor | None = None,
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B,T,D), positions (B,T), mask (B,1,T,S) (True = may attend); rope: (cos, sin) for `positions` if precomputed.
 
         causal=True: every row holds positions 0..T-1 (unpadded prompt from the start): mask is ignored and SDPA runs
         its causal kernel (flash attention on CUDA) over the new keys only.
         residual (B,T,dim): returned plus the output (CUDA: added by the output projection's kernel).
+        xq: x (one row) quantized for qkv_proj by _decode_norm (used by the fused decode path only).
         On CUDA with 16-bit activations a decode step (T == 1, GQA cache, fused qkv) runs RoPE, the cache write and
         the attention as one Triton op, which reads the causal mask off the positions (slots <= position).
         """
         b, t, _ = x.shape
         cos, sin = rope if rope is not None else self.rotary(positions, x.dtype)
         if self._fused_decode(x, cache, rope):
-            qkv = linear(self.qkv_proj, x).view(b, -1)  # (B, (H + 2 Hkv) D)
+            qkv = linear(self.qkv_proj, x, xq).view(b, -1)  # (B, (H + 2 Hkv) D)
             out = torch.ops.modelcore.decode_attention(qkv, cos.reshape(b, -1), sin.reshape(b, -1), positions.reshape(b),
                                                        cache.k, cache.v, self.n_heads, self.n_kv_heads, self.scale)
             return self._out(out.view(b, 1, -1), residual)
@@ -301,12 +319,14 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
         return True
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., dim) -> (..., dim); residual: returned plus the output (CUDA: added by down_proj's kernel)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (..., dim) -> (..., dim); residual: returned plus the output (CUDA: added by down_proj's kernel); xq: x
+        (one row) quantized for gate_up_proj by _decode_norm."""
         if hasattr(self, "gate_up_proj"):
             if (self.fused_cuda and self.act is F.silu and _cuda_fusable(x)
                     and (triton_mlp.available() or torch.compiler.is_compiling())):
-                h = gate_up_silu(self.gate_up_proj, x)  # (..., I)
+                h = gate_up_silu(self.gate_up_proj, x, xq)  # (..., I)
             else:
                 gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)  # (..., I) each
                 h = self.act(gate) * up
@@ -375,10 +395,10 @@ class Block(nn.Module):
             x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask)
         elif self.fused_cuda and _cuda_fusable(x) and isinstance(self.self_attn, Attention) and isinstance(self.mlp, MLP):
             # CUDA: the residual adds happen inside the output projections' kernels (see linear_residual)
-            h = _decode_norm(self.input_layernorm, x, getattr(self.self_attn, "qkv_proj", None))
-            x = self.self_attn(h, positions, cache, mask, rope=rope, causal=causal, residual=x)
-            return self.mlp(_decode_norm(self.post_attention_layernorm, x, getattr(self.mlp, "gate_up_proj", None)),
-                            residual=x)
+            h, xq = _decode_norm(self.input_layernorm, x, getattr(self.self_attn, "qkv_proj", None))
+            x = self.self_attn(h, positions, cache, mask, rope=rope, causal=causal, residual=x, xq=xq)
+            h, xq = _decode_norm(self.post_attention_layernorm, x, getattr(self.mlp, "gate_up_proj", None))
+            return self.mlp(h, residual=x, xq=xq)
         else:
             x = x + self.self_attn(self.input_layernorm(x), positions, cache, mask, rope=rope, causal=causal)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -660,3 +660,267 @@ if triton is not None:
     @rms_norm_op.register_fake
     def _(x, weight, eps):
         return x.new_empty(x.shape)
+
+
+# Decode with int8 activations ("q8"): for one row of x feeding a CUDA int4 linear straight from a norm, the norm kernel
+# also writes x quantized to int8 per 32-column block (scale d = max|x| / 127), bytes ordered like the weight's nibbles,
+# and the GEMV multiplies 4-bit codes by 8-bit activations with dp4a (4 products and a sum in one instruction) instead of
+# turning every nibble into a float: ~30 instructions per 32 weights of a row instead of ~100, which is what bounded the
+# gate/up GEMV (~2.7 TB/s, see the README). llama.cpp's CUDA decode (q8_1 activations) and our CPU kernel do the same.
+# Per block of x (row m): words 8b + 4h + w, byte q of word (h, w) = int8 of x[32b + 8q + 4h + w] (h = 0: the low
+# nibbles of the weight's word w, h = 1: the high ones), and stats (3, K/32) float32: d, 8 * sum(q), sum(x).
+# sum over a block of w * x = s * d * (sum(code * q) - 8 sum(q)) + z * sum(x), s and z the weight group's scale and zero.
+Q8 = os.environ.get("MODELCORE_GPU_Q8", "1") != "0"  # norm -> int4 GEMV of one row through int8 activations
+
+if triton is not None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+
+        @triton.jit
+        def _dp4a(a, b, c):
+            """c + sum over the 4 bytes of (unsigned byte of a) * (signed byte of b) (the interpreter's twin)."""
+            c += (a & 0xFF) * ((b << 24) >> 24)
+            c += ((a >> 8) & 0xFF) * ((b << 16) >> 24)
+            c += ((a >> 16) & 0xFF) * ((b << 8) >> 24)
+            c += ((a >> 24) & 0xFF) * (b >> 24)
+            return c
+    else:
+
+        @triton.jit
+        def _dp4a(a, b, c):
+            """c + sum over the 4 bytes of (unsigned byte of a) * (signed byte of b): one dp4a."""
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+
+    @triton.jit
+    def _rms_norm_q8_kernel(x_ptr, w_ptr, y_ptr, xq_ptr, st_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """One row: y = rms_norm(x) * w (bf16, as _rms_norm_kernel), and y quantized for the q8 GEMV (layout above):
+        the int8 words at xq_ptr, the block stats at st_ptr. D a multiple of 32."""
+        NB: tl.constexpr = BLOCK // 32
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if PDL:
+            _pdl_wait()
+            _pdl_launch()
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rs = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        yb = (x * rs * w).to(tl.bfloat16)
+        tl.store(y_ptr + cols, yb, mask=mask)
+        v = tl.reshape(yb.to(tl.float32), (NB, 32))  # the rounded values, what the float GEMV would read
+        amax = tl.max(tl.abs(v), axis=1)
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        q = tl.floor(v * inv[:, None] + 0.5).to(tl.int32)  # -127..127
+        qsum = tl.sum(q, axis=1)
+        shift = 8 * tl.arange(0, 4)
+        words = tl.sum((tl.reshape(q, (NB, 4, 8)) & 0xFF) << shift[None, :, None], axis=1)  # (NB, 8): disjoint bytes
+        b = tl.arange(0, NB)
+        bmask = b < D // 32
+        wi = b[:, None] * 8 + tl.arange(0, 8)[None, :]
+        tl.store(xq_ptr + wi, words, mask=bmask[:, None])
+        tl.store(st_ptr + b, amax / 127.0, mask=bmask)
+        tl.store(st_ptr + D // 32 + b, 8.0 * qsum.to(tl.float32), mask=bmask)
+        tl.store(st_ptr + 2 * (D // 32) + b, tl.sum(v, axis=1), mask=bmask)
+
+    @triton.jit
+    def _q8_step(w, sz, xl, xh, d, q8, xs, BN: tl.constexpr, BB: tl.constexpr):
+        """(BN, BB): each block's sum of w * x for one step, from the weight words w (BN, BB*4), the (scale, zero) pairs
+        sz (BN, BB), the activation words xl, xh (BB*4,) and the block stats d, q8, xs (BB,)."""
+        t = _dp4a(w & 0x0F0F0F0F, tl.broadcast_to(xl[None, :], (BN, BB * 4)), tl.zeros((BN, BB * 4), dtype=tl.int32))
+        t = _dp4a((w >> 4) & 0x0F0F0F0F, tl.broadcast_to(xh[None, :], (BN, BB * 4)), t)
+        isum = tl.sum(tl.reshape(t, (BN, BB, 4)), axis=2).to(tl.float32)  # the 4 words of a block are in one thread
+        sc = (sz << 16).to(tl.float32, bitcast=True)
+        zr = (sz & -65536).to(tl.float32, bitcast=True)
+        return sc * d[None, :] * (isum - q8[None, :]) + zr * xs[None, :]
+
+    @triton.jit
+    def _gemv_q8_kernel(xq_ptr, st_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, NW, K, stride_wn, KS,
+                        GROUP: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SPLIT: tl.constexpr, GATED: tl.constexpr, SEM: tl.constexpr, KSP: tl.constexpr,
+                        PDL: tl.constexpr):
+        """y (1, N) = x @ w^T for one row of x given as int8 words and block stats (the layout above); otherwise as
+        _gemv_kernel with MB = 1 and PREFETCH = 1: BN output rows per program, BB blocks per step, GATED (y =
+        silu(gate) * up), SPLIT over KS programs (partials added by the row tile's last program, SEM only)."""
+        pid = tl.program_id(0)
+        rn = pid * BN + tl.arange(0, BN)
+        rnc = tl.minimum(rn, N - 1)
+        j = tl.arange(0, BB * 4)
+        rb = tl.arange(0, BB)
+        xo = (j // 4) * 8 + (j % 4)  # the low-nibble activation word of weight word j (the high one at + 4)
+        wp = w_ptr + rnc[:, None] * stride_wn + j[None, :]
+        szp = sz_ptr + rnc[:, None]
+        wpu = wp + N * stride_wn
+        szpu = szp + N
+        nbk = K // 32
+        steps = nbk // BB
+        first = (tl.program_id(1) * steps // KS) * BB
+        end = ((tl.program_id(1) + 1) * steps // KS) * BB
+        w = tl.load(wp + first * 4, eviction_policy="evict_first")
+        sz = _load_i32(szp + ((first + rb) // (GROUP // 32))[None, :] * NW)
+        wu = w
+        szu = sz
+        if GATED:
+            wu = tl.load(wpu + first * 4, eviction_policy="evict_first")
+            szu = _load_i32(szpu + ((first + rb) // (GROUP // 32))[None, :] * NW)
+        if PDL:
+            _pdl_wait()
+            _pdl_launch()
+        xl = tl.load(xq_ptr + first * 8 + xo)
+        xh = tl.load(xq_ptr + first * 8 + 4 + xo)
+        d = tl.load(st_ptr + first + rb)
+        q8 = tl.load(st_ptr + nbk + first + rb)
+        xs = tl.load(st_ptr + 2 * nbk + first + rb)
+        acc = tl.zeros((BN, BB), dtype=tl.float32)
+        accu = tl.zeros((BN, BB), dtype=tl.float32)
+        for b0 in range(first, end, BB):
+            nb = tl.minimum(b0 + BB, end - BB)  # the next step (the last step reloads itself)
+            w_next = tl.load(wp + nb * 4, eviction_policy="evict_first")
+            sz_next = _load_i32(szp + ((nb + rb) // (GROUP // 32))[None, :] * NW)
+            if GATED:
+                wu_next = tl.load(wpu + nb * 4, eviction_policy="evict_first")
+                szu_next = _load_i32(szpu + ((nb + rb) // (GROUP // 32))[None, :] * NW)
+            xl_n = tl.load(xq_ptr + nb * 8 + xo)
+            xh_n = tl.load(xq_ptr + nb * 8 + 4 + xo)
+            d_n = tl.load(st_ptr + nb + rb)
+            q8_n = tl.load(st_ptr + nbk + nb + rb)
+            xs_n = tl.load(st_ptr + 2 * nbk + nb + rb)
+            acc += _q8_step(w, sz, xl, xh, d, q8, xs, BN, BB)
+            if GATED:
+                accu += _q8_step(wu, szu, xl, xh, d, q8, xs, BN, BB)
+                wu = wu_next
+                szu = szu_next
+            w = w_next
+            sz = sz_next
+            xl, xh, d, q8, xs = xl_n, xh_n, d_n, q8_n, xs_n
+        nmask = rn < N
+        if SPLIT:
+            yp = ws_ptr + tl.program_id(1) * NW + rn
+            tl.store(yp, tl.sum(acc, axis=1), mask=nmask)
+            if GATED:
+                tl.store(yp + N, tl.sum(accu, axis=1), mask=nmask)
+            if SEM:
+                tl.debug_barrier()
+                arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+                if arrived == KS - 1:
+                    if GATED:
+                        _store_gated(y_ptr, _split_total(ws_ptr, rn, NW, nmask, KS, KSP),
+                                     _split_total(ws_ptr, rn + N, NW, nmask, KS, KSP), b_ptr, y_ptr, rn, rnc, nmask, N,
+                                     HAS_BIAS, False)
+                    else:
+                        bias = tl.zeros((BN,), dtype=tl.float32)
+                        if HAS_BIAS:
+                            bias = tl.load(b_ptr + rnc)
+                        _store_row(y_ptr, _split_total(ws_ptr, rn, NW, nmask, KS, KSP), bias, y_ptr, 0, 1, rn, nmask,
+                                   N, 0, False)
+                    tl.atomic_xchg(cnt_ptr + pid, 0)
+        elif GATED:
+            _store_gated(y_ptr, tl.sum(acc, axis=1), tl.sum(accu, axis=1), b_ptr, y_ptr, rn, rnc, nmask, N, HAS_BIAS,
+                         False)
+        else:
+            bias = tl.zeros((BN,), dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + rnc)
+            _store_row(y_ptr, tl.sum(acc, axis=1), bias, y_ptr, 0, 1, rn, nmask, N, 0, False)
+
+
+def q8_supported(k: int, group_size: int) -> bool:
+    """Shapes the q8 path takes: whole 32-column blocks, groups of whole blocks, one norm program over the row."""
+    return supports(k, k, group_size) and k <= 16384
+
+
+def rms_norm_q8(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                pdl_launch: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row x (1, D) bf16: (y = RMSNorm(x) * weight (1, D) bf16, its int8 words (D/4,) int32, block stats (3, D/32)
+    float32), one kernel; twin: quantize_q8_reference(F.rms_norm(...))."""
+    m, d = x.shape
+    assert m == 1 and d % 32 == 0, (m, d)
+    y = torch.empty(1, d, device=x.device, dtype=x.dtype)
+    xq = torch.empty(d // 4, device=x.device, dtype=torch.int32)
+    st = torch.empty(3, d // 32, device=x.device, dtype=torch.float32)
+    on = pdl() and pdl_launch is not False
+    _rms_norm_q8_kernel[(1,)](x, weight, y, xq, st, d, eps, BLOCK=max(32, triton.next_power_of_2(d)), PDL=on,
+                              num_warps=4 if d <= 4096 else 8, **({"launch_pdl": True} if on else {}))
+    return y, xq, st
+
+
+def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 codes (D,) in column order, d (D/32,), sum(x) (D/32,)) of one row with plain torch ops (the norm kernel's
+    twin: d = max|x| / 127 per 32 columns, codes rounded half up)."""
+    v = x.float().reshape(-1, 32)
+    amax = v.abs().amax(1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.floor(v * inv[:, None] + 0.5)
+    return q.reshape(-1).to(torch.int8), amax / 127.0, v.sum(1)
+
+
+# q8 launch parameters per (weight rows, K, gated), from `python3 benchmarks/gpu_int4_decode.py --q8` on an H200 (norm
+# then GEMV, 28 layers in one graph): 7B qkv 6.90 us against 7.85 for the norm and the bf16 GEMV, gate_up 20.19 against
+# 28.71 (3.57 TB/s against 2.51).
+Q8_TUNED: dict[tuple[int, int, bool], dict] = {
+    (4608, 3584, False): dict(BN=16, BB=8, num_warps=1, KS=7),  # 7B qkv (+ bias)
+    (37888, 3584, True): dict(BN=8, BB=8, num_warps=1, KS=1),  # 7B gate_up, gated
+}
+
+
+def gemv_q8_config(n: int, k: int, *, gated: bool = False) -> dict:
+    tuned = Q8_TUNED.get((n, k, gated))
+    if tuned is not None and (k // 32) % tuned["BB"] == 0:
+        return dict(tuned)
+    if gated:
+        return dict(BN=8, BB=_largest_block_step(k // 32, 16), num_warps=2, KS=1)
+    if n <= 8192:
+        bb = _largest_block_step(k // 32, 8)
+        return dict(BN=16, BB=bb, num_warps=1, KS=max(1, min(7, (k // 32) // bb)))
+    return dict(BN=32, BB=_largest_block_step(k // 32, 8), num_warps=2, KS=1)
+
+
+def gemv_q8(xq: torch.Tensor, st: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
+            bias: torch.Tensor | None = None, *, gated: bool = False, **config) -> torch.Tensor:
+    """y (1, N) bf16 = x @ w^T (+ bias float32) for one row x given as rms_norm_q8's int8 words and stats; gated:
+    w = [gate; up] (2N rows), y = silu(gate) * up. `config` overrides gemv_q8_config."""
+    nw, k = packed.shape[0], packed.shape[1] * 2
+    n = nw // 2 if gated else nw
+    assert xq.numel() == k // 4 and st.numel() == 3 * (k // 32), (xq.shape, st.shape, k)
+    y = torch.empty(1, n, device=packed.device, dtype=torch.bfloat16)
+    cfg = gemv_q8_config(nw, k, gated=gated) | config
+    ks = cfg.get("KS", 1)
+    assert (k // 32) % cfg["BB"] == 0 and 1 <= ks <= (k // 32) // cfg["BB"], (k, cfg)
+    meta = {kk: v for kk, v in cfg.items() if kk in ("num_warps", "num_stages", "maxnreg") and v}
+    tiles = triton.cdiv(n, cfg["BN"])
+    sem = ks > 1 and tiles <= _COUNTERS and packed.is_cuda  # (the interpreter on CPU tensors: the second launch)
+    ws = y if ks == 1 else torch.empty(ks, 1, nw, device=packed.device, dtype=torch.float32)
+    cnt = _counters(packed.device) if sem else ws
+    on = pdl() and cfg.get("PDL", True)
+    _gemv_q8_kernel[(tiles, ks)](
+        xq, st, packed.view(torch.int32), sz.view(torch.int32), bias if bias is not None else y, y, ws, cnt, n, nw, k,
+        k // 8, ks, GROUP=group_size, BN=cfg["BN"], BB=cfg["BB"], HAS_BIAS=bias is not None, SPLIT=ks > 1,
+        GATED=gated, SEM=sem, KSP=triton.next_power_of_2(ks), PDL=on, **meta, **({"launch_pdl": True} if on else {}))
+    if ks > 1 and not sem:
+        _split_sum_kernel[(triton.cdiv(n, 1024),)](ws, bias if bias is not None else ws, ws, y, n, n, 0, ks,
+                                                  HAS_BIAS=bias is not None, HAS_RES=False, GATED=gated, BLOCK=1024,
+                                                  num_warps=4)
+    return y
+
+
+if triton is not None:
+
+    @torch.library.custom_op("modelcore::rms_norm_q8", mutates_args=())
+    def rms_norm_q8_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+        """rms_norm_q8 (above) as one opaque op."""
+        return rms_norm_q8(_unit_stride(x), weight, eps)
+
+    @rms_norm_q8_op.register_fake
+    def _(x, weight, eps):
+        d = x.shape[-1]
+        return (x.new_empty(x.shape), x.new_empty(d // 4, dtype=torch.int32),
+                x.new_empty(3, d // 32, dtype=torch.float32))
+
+    @torch.library.custom_op("modelcore::int4_linear_q8", mutates_args=())
+    def int4_linear_q8_op(xq: torch.Tensor, st: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor,
+                          bias: torch.Tensor | None, group_size: int, gated: bool) -> torch.Tensor:
+        """gemv_q8 (above) as one opaque op: (1, N) bf16, or (1, N/2) silu(gate) * up when gated."""
+        return gemv_q8(xq, st, packed, sz, group_size, bias, gated=gated)
+
+    @int4_linear_q8_op.register_fake
+    def _(xq, st, packed, sz, bias, group_size, gated):
+        return xq.new_empty(1, packed.shape[0] // 2 if gated else packed.shape[0], dtype=torch.bfloat16)

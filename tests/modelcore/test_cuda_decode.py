@@ -443,3 +443,105 @@ def test_pdl_chain_in_graph_equals_plain_launches() -> None:
     gu = triton_int4.rms_norm(a, nw, 1e-6).float() @ w2.T
     torch.testing.assert_close(g.float(), F.silu(gu[:, :inter]) * gu[:, inter:], rtol=4e-3, atol=1e-3)
     torch.testing.assert_close(y.float(), g.float() @ w3.T + a.float(), rtol=4e-3, atol=1e-2)
+
+
+def _q8_twin(h: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the q8 GEMV computes, the float product) for one normed row h: int8 codes times d for the weights' code
+    term, the exact block sums for their zero term (triton_int4's q8 layout notes)."""
+    from modelcore import triton_int4
+
+    q, d, _ = triton_int4.quantize_q8_reference(h)
+    xd = (q.float().view(-1, 32) * d[:, None]).view(1, -1)
+    s = sz[..., 0].float().t().repeat_interleave(group, 1)
+    z = sz[..., 1].float().t().repeat_interleave(group, 1)
+    codes = triton_int4.unpack(packed).float()
+    return xd @ (s * (codes - 8.0)).t() + h.float() @ z.t(), h.float() @ (s * (codes - 8.0) + z).t()
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_q8_norm_and_gemv_match_twins(group: int) -> None:
+    """The q8 decode path (modelcore::rms_norm_q8 then modelcore::int4_linear_q8): the norm's bf16 row equals
+    rms_norm_rows', its int8 words decode to the reference quantizer's codes (off by one at most, at rounding ties),
+    the GEMV (plain, bias, gated, split K with and without the counters, PDL off) equals its int8 twin up to the bf16
+    rounding of the output, and stays within 2% of the float product (the cost of int8 activations)."""
+    import torch.nn.functional as F
+
+    from modelcore import triton_int4
+
+    if not triton_int4.available():
+        pytest.skip("needs Triton")
+    n, k = 200, 1024
+    qw = _int4_weight(n, k, group, 3)
+    packed, sz = triton_int4.pack(qw.codes), _sz(qw)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 3
+    nw = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    h, xq, st = torch.ops.modelcore.rms_norm_q8(x, nw, 1e-6)
+    assert xq.shape == (k // 4,) and xq.dtype == torch.int32 and st.shape == (3, k // 32)
+    assert torch.equal(h, torch.ops.modelcore.rms_norm_rows(x, nw, 1e-6))
+    q, d, xs = triton_int4.quantize_q8_reference(h)
+    got = xq.view(torch.int8).view(k // 32, 2, 4, 4).permute(0, 3, 1, 2).reshape(-1)  # (block, h, w, q) -> 8q + 4h + w
+    assert int((got.int() - q.int()).abs().max()) <= 1 and float((got != q).float().mean()) < 0.01
+    torch.testing.assert_close(st[0], d)
+    torch.testing.assert_close(st[1], 8.0 * got.float().view(-1, 32).sum(1))
+    torch.testing.assert_close(st[2], xs, rtol=1e-5, atol=1e-4)
+    twin, flt = _q8_twin(h, packed, sz, group)
+    bias = torch.randn(n, device="cuda")
+    for cfg in ({}, {"KS": 4, "BB": 8}, {"KS": 3, "BB": 4, "BN": 32, "num_warps": 2}, {"BB": 16, "BN": 8, "KS": 1, "PDL": False}):
+        y = triton_int4.gemv_q8(xq, st, packed, sz, group, bias, **cfg)
+        torch.testing.assert_close(y.float(), twin + bias, rtol=4e-3, atol=1e-3)
+        assert float((y.float() - flt - bias).norm() / (flt + bias).norm()) < 2e-2
+    assert int(triton_int4._counters(x.device).abs().sum()) == 0  # split-K counters left at zero
+    one = triton_int4.gemv_q8(xq, st, packed, sz, group, bias, KS=4, BB=8)
+    assert all(torch.equal(one, triton_int4.gemv_q8(xq, st, packed, sz, group, bias, KS=4, BB=8)) for _ in range(3))
+    qg = _int4_weight(2 * n, k, group, 4)  # [gate; up]
+    pg, szg = triton_int4.pack(qg.codes), _sz(qg)
+    tg, fg = _q8_twin(h, pg, szg, group)
+    for cfg in ({}, {"KS": 2, "BB": 8}, {"BN": 16, "BB": 8, "num_warps": 1}):
+        hg = torch.ops.modelcore.int4_linear_q8(xq, st, pg, szg, None, group, True) if not cfg else \
+            triton_int4.gemv_q8(xq, st, pg, szg, group, gated=True, **cfg)
+        torch.testing.assert_close(hg.float(), F.silu(tg[:, :n]) * tg[:, n:], rtol=1e-2, atol=2e-3)
+        ref = F.silu(fg[:, :n]) * fg[:, n:]
+        assert float((hg.float() - ref).norm() / ref.norm()) < 3e-2
+
+
+def test_q8_decode_path_in_the_model() -> None:
+    """An int4 model's decode step takes the q8 path for one row (norm -> qkv and norm -> gate/up) and its logits stay
+    close to the same step through the bf16 GEMV (triton_int4.Q8 off), eagerly and in generate's CUDA graphs."""
+    from modelcore import triton_int4
+    from modelcore.quant import quantize_model
+
+    if not triton_int4.available():
+        pytest.skip("needs Triton")
+    model, _ = _tiny_qwen(torch.bfloat16)
+    model.fuse_projections()
+    quantize_model(model, "int4", group_size=32)
+    ids = torch.randint(0, 512, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(8))
+    nxt = torch.randint(0, 512, (1, 4), device="cuda", generator=torch.Generator("cuda").manual_seed(9))
+    calls = []
+    real = triton_int4.gemv_q8
+    logits = {}
+    try:
+        triton_int4.gemv_q8 = lambda *a, **kw: calls.append(kw.get("gated")) or real(*a, **kw)
+        for on in (True, False):
+            triton_int4.Q8 = on
+            cache = model.new_cache(1, 64)
+            with torch.inference_mode():
+                steps = [model(ids, cache=cache).logits.float()[:, -1]]
+                for i in range(nxt.shape[1]):
+                    pos = torch.full((1, 1), 9 + i, device="cuda")
+                    steps.append(model(nxt[:, i:i + 1], positions=pos, cache=cache, kv_len=64).logits.float()[:, -1])
+            logits[on] = torch.stack(steps, 1)
+            if on:
+                layers = len(model.model.layers)
+                assert calls.count(True) == calls.count(False) == layers * nxt.shape[1], calls  # qkv and gate/up
+                calls.clear()
+        assert not calls  # Q8 off: never called
+    finally:
+        triton_int4.gemv_q8 = real
+        triton_int4.Q8 = True
+    a, b = logits[True], logits[False]
+    assert torch.equal(a[:, 0], b[:, 0])  # the prefill does not take it
+    assert float((a - b).norm() / b.norm()) < 2e-2
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) > 0.999
+    graphed, eager = _graph_vs_eager(model, ids[:, :6], new=10)  # one row: the q8 path in both, deterministic
+    assert torch.equal(graphed, eager)
