@@ -235,6 +235,23 @@ if triton is not None:
         tl.store(y_ptr + rn, v.to(tl.bfloat16), mask=nmask)
 
     @triton.jit
+    def _finish_first_row(y_ptr, ws_ptr, b_ptr, r_ptr, rn, rnc, nmask, N, M, kst, stride_rm, KS, KSP: tl.constexpr,
+                          BN: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+        """The last program of a split-K row tile: row 0 of y from the KS partials (kst apart), gated: silu(gate) *
+        up; returns the bias (BN,) float32 for the tile's other rows."""
+        bias = tl.zeros((BN,), dtype=tl.float32)
+        if GATED:
+            _store_gated(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS, KSP),
+                         _split_total(ws_ptr, rn + N, kst, nmask, KS, KSP), b_ptr, r_ptr, rn, rnc, nmask, N, HAS_BIAS,
+                         HAS_RES)
+        else:
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + rnc)
+            _store_row(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS, KSP), bias, r_ptr, 0, M, rn, nmask, N,
+                       stride_rm, HAS_RES)
+        return bias
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NW, K, stride_xm, stride_wn,
                      stride_rm, one, KS,
                      GROUP: tl.constexpr, MB: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr,
@@ -353,16 +370,9 @@ if triton is not None:
                 arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
                 if arrived == KS - 1:  # the last program of this row tile
                     kst = M * NW
-                    if GATED:
-                        _store_gated(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS, KSP),
-                                     _split_total(ws_ptr, rn + N, kst, nmask, KS, KSP), b_ptr, r_ptr, rn, rnc, nmask, N,
-                                     HAS_BIAS, HAS_RES)
-                    else:
-                        bias = tl.zeros((BN,), dtype=tl.float32)
-                        if HAS_BIAS:
-                            bias = tl.load(b_ptr + rnc)
-                        _store_row(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS, KSP), bias, r_ptr, 0, M, rn, nmask, N,
-                                   stride_rm, HAS_RES)
+                    bias = _finish_first_row(y_ptr, ws_ptr, b_ptr, r_ptr, rn, rnc, nmask, N, M, kst, stride_rm, KS, KSP,
+                                             BN, GATED, HAS_BIAS, HAS_RES)
+                    if not GATED:
                         if MB > 1:
                             _store_row(y_ptr, _split_total(ws_ptr, NW + rn, kst, nmask & (M > 1), KS, KSP), bias, r_ptr, 1,
                                        M, rn, nmask, N, stride_rm, HAS_RES)
@@ -801,16 +811,8 @@ if triton is not None:
                 tl.debug_barrier()
                 arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
                 if arrived == KS - 1:
-                    if GATED:
-                        _store_gated(y_ptr, _split_total(ws_ptr, rn, NW, nmask, KS, KSP),
-                                     _split_total(ws_ptr, rn + N, NW, nmask, KS, KSP), b_ptr, y_ptr, rn, rnc, nmask, N,
-                                     HAS_BIAS, False)
-                    else:
-                        bias = tl.zeros((BN,), dtype=tl.float32)
-                        if HAS_BIAS:
-                            bias = tl.load(b_ptr + rnc)
-                        _store_row(y_ptr, _split_total(ws_ptr, rn, NW, nmask, KS, KSP), bias, y_ptr, 0, 1, rn, nmask,
-                                   N, 0, False)
+                    _finish_first_row(y_ptr, ws_ptr, b_ptr, y_ptr, rn, rnc, nmask, N, 1, NW, 0, KS, KSP, BN, GATED,
+                                      HAS_BIAS, False)
                     tl.atomic_xchg(cnt_ptr + pid, 0)
         elif GATED:
             _store_gated(y_ptr, tl.sum(acc, axis=1), tl.sum(accu, axis=1), b_ptr, y_ptr, rn, rnc, nmask, N, HAS_BIAS,
