@@ -235,21 +235,29 @@ if triton is not None:
         tl.store(y_ptr + rn, v.to(tl.bfloat16), mask=nmask)
 
     @triton.jit
-    def _finish_first_row(y_ptr, ws_ptr, b_ptr, r_ptr, rn, rnc, nmask, N, M, kst, stride_rm, KS, KSP: tl.constexpr,
-                          BN: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-        """The last program of a split-K row tile: row 0 of y from the KS partials (kst apart), gated: silu(gate) *
-        up; returns the bias (BN,) float32 for the tile's other rows."""
+    def _store_first_row(y_ptr, v, vu, b_ptr, r_ptr, rn, rnc, nmask, N, M, stride_rm, BN: tl.constexpr,
+                         GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+        """Row 0 of y from its sums v (BN,) (+ bias) (+ residual); GATED: silu(v + bias) * (vu + bias'). Returns the
+        bias (BN,) float32 for the tile's other rows."""
         bias = tl.zeros((BN,), dtype=tl.float32)
         if GATED:
-            _store_gated(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS, KSP),
-                         _split_total(ws_ptr, rn + N, kst, nmask, KS, KSP), b_ptr, r_ptr, rn, rnc, nmask, N, HAS_BIAS,
-                         HAS_RES)
+            _store_gated(y_ptr, v, vu, b_ptr, r_ptr, rn, rnc, nmask, N, HAS_BIAS, HAS_RES)
         else:
             if HAS_BIAS:
                 bias = tl.load(b_ptr + rnc)
-            _store_row(y_ptr, _split_total(ws_ptr, rn, kst, nmask, KS, KSP), bias, r_ptr, 0, M, rn, nmask, N,
-                       stride_rm, HAS_RES)
+            _store_row(y_ptr, v, bias, r_ptr, 0, M, rn, nmask, N, stride_rm, HAS_RES)
         return bias
+
+    @triton.jit
+    def _finish_first_row(y_ptr, ws_ptr, b_ptr, r_ptr, rn, rnc, nmask, N, M, kst, stride_rm, KS, KSP: tl.constexpr,
+                          BN: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+        """The last program of a split-K row tile: row 0 of y from the KS partials (kst apart); returns the bias."""
+        v = _split_total(ws_ptr, rn, kst, nmask, KS, KSP)
+        vu = v
+        if GATED:
+            vu = _split_total(ws_ptr, rn + N, kst, nmask, KS, KSP)
+        return _store_first_row(y_ptr, v, vu, b_ptr, r_ptr, rn, rnc, nmask, N, M, stride_rm, BN, GATED, HAS_BIAS,
+                                HAS_RES)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NW, K, stride_xm, stride_wn,
@@ -391,15 +399,10 @@ if triton is not None:
                             _store_row(y_ptr, _split_total(ws_ptr, 7 * NW + rn, kst, nmask & (M > 7), KS, KSP), bias, r_ptr,
                                        7, M, rn, nmask, N, stride_rm, HAS_RES)
                     tl.atomic_xchg(cnt_ptr + pid, 0)  # ready for the next launch
-        elif GATED:
-            _store_gated(y_ptr, tl.sum(acc0, axis=1), tl.sum(accu, axis=1), b_ptr, r_ptr, rn, rnc, nmask, N, HAS_BIAS,
-                         HAS_RES)
         else:
-            bias = tl.zeros((BN,), dtype=tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + rnc)
-            _store_row(y_ptr, tl.sum(acc0, axis=1), bias, r_ptr, 0, M, rn, nmask, N, stride_rm, HAS_RES)
-            if MB > 1:
+            bias = _store_first_row(y_ptr, tl.sum(acc0, axis=1), tl.sum(accu, axis=1), b_ptr, r_ptr, rn, rnc, nmask, N,
+                                    M, stride_rm, BN, GATED, HAS_BIAS, HAS_RES)
+            if MB > 1:  # (MB > 1: not GATED)
                 _store_row(y_ptr, tl.sum(acc1, axis=1), bias, r_ptr, 1, M, rn, nmask, N, stride_rm, HAS_RES)
             if MB > 2:
                 _store_row(y_ptr, tl.sum(acc2, axis=1), bias, r_ptr, 2, M, rn, nmask, N, stride_rm, HAS_RES)
@@ -814,14 +817,9 @@ if triton is not None:
                     _finish_first_row(y_ptr, ws_ptr, b_ptr, y_ptr, rn, rnc, nmask, N, 1, NW, 0, KS, KSP, BN, GATED,
                                       HAS_BIAS, False)
                     tl.atomic_xchg(cnt_ptr + pid, 0)
-        elif GATED:
-            _store_gated(y_ptr, tl.sum(acc, axis=1), tl.sum(accu, axis=1), b_ptr, y_ptr, rn, rnc, nmask, N, HAS_BIAS,
-                         False)
         else:
-            bias = tl.zeros((BN,), dtype=tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + rnc)
-            _store_row(y_ptr, tl.sum(acc, axis=1), bias, y_ptr, 0, 1, rn, nmask, N, 0, False)
+            _store_first_row(y_ptr, tl.sum(acc, axis=1), tl.sum(accu, axis=1), b_ptr, y_ptr, rn, rnc, nmask, N, 1, 0,
+                             BN, GATED, HAS_BIAS, False)
 
 
 def q8_supported(k: int, group_size: int) -> bool:
